@@ -1,0 +1,242 @@
+"""Public FP8 API: quantize, dequantize, scaling-aware transpose, weight quantization.
+
+Each call runs the Triton kernel when the tensor is on a CUDA device (or on CPU with
+``TRITON_INTERPRET=1``) and the plain-PyTorch reference otherwise; ``backend=`` forces one.
+Both compute the same bits (see :mod:`.reference` for the exact semantics).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from . import reference as ref
+from .format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike, cdiv
+
+Backend = Literal["auto", "triton", "reference"]
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    from ..kernels.fp8_common import interpreter_active
+
+    return interpreter_active()
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {_BACKENDS}")
+    if backend == "reference":
+        return False
+    available = _triton_available(device)
+    if backend == "triton" and not available:
+        raise RuntimeError(
+            f"the Triton backend needs a CUDA tensor or TRITON_INTERPRET=1 for CPU tensors; "
+            f"got a tensor on {device}"
+        )
+    return available
+
+
+def _check_activation(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"FP8 quantization expects a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"FP8 quantization expects bf16, fp16 or fp32 input, got {x.dtype}")
+
+
+def quantize(
+    x: torch.Tensor,
+    layout: str = "rowwise",
+    m_splits: Optional[SplitsLike] = None,
+    pow2_scales: bool = True,
+    backend: Backend = "auto",
+) -> BlockwiseFP8Tensor:
+    """Quantize a 2-D activation/gradient tensor to blockwise FP8 E4M3.
+
+    Args:
+        x: [M, K] bf16/fp16/fp32.
+        layout: ``"rowwise"`` (1x128 blocks along K; K need not be a multiple of 128, the last
+            block is partial) or ``"colwise"`` (1x128 blocks along M, restarting at every group
+            of ``m_splits``; data stored transposed [K, M]).
+        m_splits: group (expert) row counts for ``colwise``; zeros allowed. A list gives exact
+            output shapes; a device tensor avoids any host sync (see :class:`GroupSplits`).
+        pow2_scales: power-of-two scales ``2^ceil(log2(amax/448))`` (exact, default) or fp32
+            scales ``amax/448``.
+
+    Semantics (both backends, bit-identical): scales from the amax of the finite elements of
+    each block, clamped to >= 2^-126; ``scale_inv = 1`` for blocks without a finite non-zero
+    element; codes ``RNE_e4m3(x / scale_inv)`` with subnormals kept; NaN and +-Inf become the
+    NaN code 0x7F (never a finite value).
+    """
+    _check_activation(x)
+    lay = Layout.parse(layout)
+    if lay == Layout.ROWWISE:
+        if m_splits is not None:
+            raise ValueError("m_splits applies to the 'colwise' layout only")
+        if _use_triton(x.device, backend):
+            from ..kernels.quantize import quantize_rowwise
+
+            data, scale_inv = quantize_rowwise(x, pow2_scales)
+        else:
+            data, scale_inv = ref.quantize_rowwise(x, pow2_scales)
+        return BlockwiseFP8Tensor(data, scale_inv, Layout.ROWWISE, tuple(x.shape), pow2_scales)
+    if lay == Layout.COLWISE:
+        groups = _groups(m_splits, x.shape[0], x.device)
+        _, _, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, False, backend)
+        return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, tuple(x.shape), pow2_scales, groups)
+    raise ValueError("use fp8.quantize_weight for the 128x128 'weight' layout")
+
+
+def quantize_row_and_col(
+    x: torch.Tensor,
+    m_splits: SplitsLike,
+    pow2_scales: bool = True,
+    backend: Backend = "auto",
+):
+    """Row-wise and grouped column-wise quantization of ``x`` in one pass over it.
+
+    Returns ``(rowwise, colwise)``, each identical to what :func:`quantize` gives for that
+    layout (the independent, TE-style quantization of both GEMM operands).
+    """
+    _check_activation(x)
+    groups = _groups(m_splits, x.shape[0], x.device)
+    data, scale, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, True, backend)
+    shape = tuple(x.shape)
+    return (
+        BlockwiseFP8Tensor(data, scale, Layout.ROWWISE, shape, pow2_scales),
+        BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, shape, pow2_scales, groups),
+    )
+
+
+def _groups(m_splits: Optional[SplitsLike], num_rows: int, device: torch.device) -> GroupSplits:
+    if m_splits is None:
+        raise ValueError("the 'colwise' layout needs m_splits (rows per group; [M] for one group)")
+    return GroupSplits.build(m_splits, num_rows, device)
+
+
+def _quantize_grouped(x, groups: GroupSplits, pow2_scales, write_rowwise, backend):
+    if _use_triton(x.device, backend):
+        from ..kernels.quantize import quantize_grouped
+
+        return quantize_grouped(x, groups, pow2_scales, write_rowwise)
+    sizes = groups.host_sizes()
+    data_t, scale_t = ref.quantize_colwise(x, sizes, pow2_scales)
+    scale_t = _pad_scale_rows(scale_t, groups)
+    data = scale = None
+    if write_rowwise:
+        data, scale = ref.quantize_rowwise(x, pow2_scales)
+    return data, scale, data_t, scale_t
+
+
+def _pad_scale_rows(scale_t: torch.Tensor, groups: GroupSplits) -> torch.Tensor:
+    """Give reference outputs the same (capacity) shape as the kernels' for device splits."""
+    extra = groups.scale_rows_capacity - scale_t.shape[0]
+    if extra <= 0:
+        return scale_t
+    return torch.cat([scale_t, scale_t.new_zeros(extra, scale_t.shape[1])], 0)
+
+
+def quantize_weight(
+    w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"
+) -> BlockwiseFP8Tensor:
+    """Quantize a weight [N, K] with 128x128 blocks: data [N, K], scale_inv [ceil(N/128), ceil(K/128)].
+
+    Same element semantics as :func:`quantize`. ``.t()`` of the result is the exact
+    transposed copy used by dgrad GEMMs.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D [N, K] tensor, got {getattr(w, 'shape', w)!r}")
+    if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"quantize_weight expects bf16, fp16 or fp32 input, got {w.dtype}")
+    if _use_triton(w.device, backend):
+        from ..kernels.quantize_weight import quantize_weight as kernel
+
+        data, scale, _, _ = kernel(w, pow2_scales)
+    else:
+        data, scale = ref.quantize_weight(w, pow2_scales)
+    return BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, tuple(w.shape), pow2_scales)
+
+
+def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"):
+    """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w``."""
+    if _use_triton(w.device, backend):
+        from ..kernels.quantize_weight import quantize_weight as kernel
+
+        data, scale, data_t, scale_t = kernel(w, pow2_scales, with_transpose=True)
+        n, k = w.shape
+        return (
+            BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, (n, k), pow2_scales),
+            BlockwiseFP8Tensor(data_t, scale_t, Layout.WEIGHT, (k, n), pow2_scales),
+        )
+    q = quantize_weight(w, pow2_scales, backend)
+    return q, q.t()
+
+
+def scaling_aware_transpose(
+    q: BlockwiseFP8Tensor,
+    m_splits: SplitsLike,
+    variant: str = "column",
+    backend: Backend = "auto",
+) -> BlockwiseFP8Tensor:
+    """Row-wise FP8 -> grouped column-wise FP8 directly on the FP8 bytes (no BF16 round trip).
+
+    Args:
+        q: a ``rowwise`` tensor with power-of-two scales. K need not be a multiple of 128.
+        m_splits: rows per group (expert), zeros allowed; list or device tensor.
+        variant: ``"column"``: each output block gets the power-of-two scale of its exact
+            column amax; the result is bit-identical to
+            ``quantize(q.dequantize(), "colwise", m_splits)`` (codes and scales), subnormal
+            results rounded to nearest even. ``"tile"``: each 128x128 tile uses the largest
+            of its row scales (the paper's choice; see ``reference.sat_tile``).
+    """
+    if not isinstance(q, BlockwiseFP8Tensor) or q.layout != Layout.ROWWISE:
+        got = q.layout.value if isinstance(q, BlockwiseFP8Tensor) else type(q).__name__
+        raise ValueError(f"scaling_aware_transpose needs a 'rowwise' BlockwiseFP8Tensor, got {got}")
+    if not q.pow2_scales:
+        raise ValueError(
+            "scaling_aware_transpose needs power-of-two scales (quantize(..., pow2_scales=True)): "
+            "with fp32 scales the re-encoding is not an exponent shift and would round twice; "
+            "use quantize(q.dequantize(), layout='colwise', ...) explicitly instead"
+        )
+    if variant not in ("column", "tile"):
+        raise ValueError(f"unknown SAT variant {variant!r}; expected 'column' or 'tile'")
+    m, k = q.shape
+    groups = GroupSplits.build(m_splits, m, q.device)
+    if _use_triton(q.device, backend):
+        from ..kernels.scaling_aware_transpose import scaling_aware_transpose as kernel
+
+        data_t, scale_t = kernel(q.data, q.scale_inv, groups, tile_scale=(variant == "tile"))
+    else:
+        sizes = groups.host_sizes()
+        if variant == "tile":
+            data_t, scale_t = ref.sat_tile(q.data, q.scale_inv, sizes)
+        else:
+            x = ref.dequantize_rowwise(q.data, q.scale_inv)
+            data_t, scale_t = ref.quantize_colwise(x, sizes, True)
+        scale_t = _pad_scale_rows(scale_t, groups)
+    return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, (m, k), True, groups)
+
+
+def dequantize(
+    t: BlockwiseFP8Tensor, dtype: torch.dtype = torch.float32, backend: Backend = "auto"
+) -> torch.Tensor:
+    """``data * scale_inv`` in the logical orientation ([M, K]; weights [N, K])."""
+    if t.layout == Layout.ROWWISE:
+        if _use_triton(t.device, backend):
+            from ..kernels.dequantize import dequantize_rowwise
+
+            return dequantize_rowwise(t.data, t.scale_inv, dtype)
+        return ref.dequantize_rowwise(t.data, t.scale_inv, dtype)
+    if t.layout == Layout.COLWISE:
+        return ref.dequantize_colwise(t.data, t.scale_inv, t.groups.host_sizes(), dtype)
+    return ref.dequantize_weight(t.data, t.scale_inv, dtype)
+
+
+def num_scale_blocks(m_splits) -> int:
+    """Rows of a column-wise scale tensor for host-side splits: sum_g ceil(m_g / 128)."""
+    return sum(cdiv(int(v), BLOCK) for v in m_splits)

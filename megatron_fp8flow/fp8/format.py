@@ -1,0 +1,190 @@
+"""Blockwise FP8 tensor formats: constants, layouts and the tensor container.
+
+Everything in this package speaks FP8 E4M3 (``torch.float8_e4m3fn``, max finite 448, no
+infinity, NaN code 0x7F) with one fp32 *dequantization* scale (``scale_inv``) per block:
+
+* ``Layout.ROWWISE``: 1x128 blocks along the last dim. ``data`` [M, K], ``scale_inv`` [M, ceil(K/128)].
+  The operand of fprop/dgrad GEMMs (reduction over K).
+* ``Layout.COLWISE``: 1x128 blocks along the rows (tokens), blocks restart at every group
+  (expert) boundary. ``data`` is stored transposed, [K, M], groups side by side;
+  ``scale_inv`` is [sum_g ceil(m_g/128), K]. The operand of wgrad GEMMs (reduction over tokens).
+* ``Layout.WEIGHT``: 128x128 blocks. ``data`` [N, K], ``scale_inv`` [ceil(N/128), ceil(K/128)].
+
+The layout is carried explicitly by the container; nothing is ever inferred from shapes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+BLOCK = 128
+# Scales are clamped to the smallest normal fp32 so that no scale is ever an fp32 subnormal
+# (GPUs may flush those to zero) and 1/scale never overflows.
+MIN_SCALE_EXP = -126
+MIN_SCALE = 2.0**MIN_SCALE_EXP
+# Dequantization scale used for blocks with no finite non-zero value.
+ZERO_BLOCK_SCALE = 1.0
+# The single NaN code produced for any non-finite input (E4M3FN has no infinity).
+NAN_CODE = 0x7F
+
+SplitsLike = Union[Sequence[int], torch.Tensor]
+
+
+class Layout(str, enum.Enum):
+    """Block layout of a :class:`BlockwiseFP8Tensor`."""
+
+    ROWWISE = "rowwise"
+    COLWISE = "colwise"
+    WEIGHT = "weight"
+
+    @classmethod
+    def parse(cls, value: Union[str, "Layout"]) -> "Layout":
+        if isinstance(value, Layout):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(v.value) for v in cls)
+            raise ValueError(f"unknown FP8 layout {value!r}; expected one of {valid}") from None
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class GroupSplits:
+    """Row counts of the groups (experts) of a column-wise tensor, on the host or the device.
+
+    ``sizes`` is a Python list when the caller gave one (exact output shapes, validated sum).
+    When the caller gave a device tensor, ``sizes`` is None and no host sync happens: the
+    column-wise scale tensor is then allocated with ``scale_rows_capacity`` rows (an upper bound)
+    and ``scale_row_offsets[g]`` (on the device) says where group g's scale rows start.
+    """
+
+    num_rows: int
+    num_groups: int
+    sizes: Optional[list]
+    sizes_device: torch.Tensor  # int32 [G]
+    row_offsets: torch.Tensor  # int32 [G + 1], cumulative rows
+    scale_row_offsets: torch.Tensor  # int32 [G + 1], cumulative 128-row blocks
+    scale_rows_capacity: int
+
+    @property
+    def exact(self) -> bool:
+        return self.sizes is not None
+
+    def host_sizes(self) -> list:
+        """Group sizes on the host (synchronizes when they live only on the device)."""
+        if self.sizes is not None:
+            return list(self.sizes)
+        return [int(v) for v in self.sizes_device.tolist()]
+
+    @classmethod
+    def build(cls, m_splits: SplitsLike, num_rows: int, device: torch.device) -> "GroupSplits":
+        if isinstance(m_splits, torch.Tensor):
+            if m_splits.dim() != 1 or m_splits.dtype.is_floating_point or m_splits.dtype == torch.bool:
+                raise ValueError(
+                    f"m_splits tensor must be 1-D with an integer dtype, got shape "
+                    f"{tuple(m_splits.shape)} and dtype {m_splits.dtype}"
+                )
+            if m_splits.device.type == "cpu":
+                # A host tensor costs no sync to read: treat it like a list.
+                return cls.build(m_splits.tolist(), num_rows, device)
+            sizes_dev = m_splits.to(device=device, dtype=torch.int32)
+            g = sizes_dev.numel()
+            zero = torch.zeros(1, dtype=torch.int32, device=device)
+            row_offsets = torch.cat([zero, torch.cumsum(sizes_dev, 0, dtype=torch.int32)])
+            blocks = torch.div(sizes_dev + (BLOCK - 1), BLOCK, rounding_mode="floor")
+            scale_offsets = torch.cat([zero, torch.cumsum(blocks, 0, dtype=torch.int32)])
+            # sum_g ceil(m_g/128) <= floor((M + 127 G) / 128)
+            capacity = (num_rows + (BLOCK - 1) * g) // BLOCK
+            return cls(num_rows, g, None, sizes_dev, row_offsets, scale_offsets, capacity)
+
+        sizes = [int(v) for v in m_splits]
+        if any(v < 0 for v in sizes):
+            raise ValueError(f"m_splits must be non-negative, got {sizes}")
+        if sum(sizes) != num_rows:
+            raise ValueError(
+                f"m_splits must sum to the number of rows: sum({len(sizes)} splits) = "
+                f"{sum(sizes)} but the tensor has {num_rows} rows"
+            )
+        rows, blocks = [0], [0]
+        for v in sizes:
+            rows.append(rows[-1] + v)
+            blocks.append(blocks[-1] + cdiv(v, BLOCK))
+        as_t = lambda vals: torch.tensor(vals, dtype=torch.int32, device=device)  # noqa: E731
+        return cls(num_rows, len(sizes), sizes, as_t(sizes), as_t(rows), as_t(blocks), blocks[-1])
+
+
+@dataclass
+class BlockwiseFP8Tensor:
+    """FP8 E4M3 data plus fp32 dequantization scales in an explicit block layout.
+
+    Attributes:
+        data: ``torch.float8_e4m3fn`` codes, laid out as the layout says (``COLWISE`` is stored
+            transposed, [K, M]).
+        scale_inv: fp32 dequantization multipliers, one per block (see :mod:`.format`).
+        layout: the block layout.
+        shape: the logical (untransposed) shape [M, K] (weights: [N, K]).
+        pow2_scales: whether every scale is an exact power of two (required by the
+            scaling-aware transpose).
+        groups: row groups of a ``COLWISE`` tensor, else None.
+    """
+
+    data: torch.Tensor
+    scale_inv: torch.Tensor
+    layout: Layout
+    shape: tuple
+    pow2_scales: bool = True
+    groups: Optional[GroupSplits] = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def m_splits(self) -> Optional[list]:
+        return None if self.groups is None else self.groups.sizes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return ``data * scale_inv`` in the logical [M, K] orientation.
+
+        Exact in fp32 (an E4M3 value times a power of two is representable); for ``COLWISE`` the
+        result is transposed back to [M, K].
+        """
+        from . import api
+
+        return api.dequantize(self, dtype=dtype)
+
+    def t(self) -> "BlockwiseFP8Tensor":
+        """Exact transposed copy of a ``WEIGHT`` tensor: bytes and scales transposed.
+
+        128x128 blocks map to 128x128 blocks under transposition, so no value changes.
+        """
+        if self.layout != Layout.WEIGHT:
+            raise ValueError(
+                f".t() is defined for the 128x128 'weight' layout only, this tensor is "
+                f"{self.layout.value!r}; use fp8.scaling_aware_transpose for activations"
+            )
+        n, k = self.shape
+        return BlockwiseFP8Tensor(
+            data=self.data.t().contiguous(),
+            scale_inv=self.scale_inv.t().contiguous(),
+            layout=Layout.WEIGHT,
+            shape=(k, n),
+            pow2_scales=self.pow2_scales,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockwiseFP8Tensor(layout={self.layout.value}, shape={tuple(self.shape)}, "
+            f"data={tuple(self.data.shape)}, scale_inv={tuple(self.scale_inv.shape)}, "
+            f"pow2_scales={self.pow2_scales}, device={self.device})"
+        )

@@ -1,0 +1,161 @@
+"""Triton building blocks shared by the FP8 kernels: scales, E4M3 encode/decode, group lookup.
+
+Every helper computes exactly what :mod:`megatron_fp8flow.fp8.reference` defines.
+
+E4M3 casts have two implementations selected by the ``EMULATE`` constexpr:
+
+* native (GPU, sm_89+): ``tl.float8e4nv`` conversion, i.e. ``cvt.rn.satfinite`` (RNE with
+  subnormals; we never feed it anything outside [-448, 448] except NaN);
+* emulated: integer arithmetic on the fp32 bits producing ``uint8`` codes. Used under
+  ``TRITON_INTERPRET=1``, whose FP8 conversion rounds wrongly when rounding carries into the
+  next binade (125.1 -> 64) and turns NaN into a finite code, and on GPUs without FP8
+  conversion instructions. Kernels then read and write FP8 tensors through ``uint8`` views.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Smallest allowed scale exponent (scales stay normal fp32 numbers); see fp8.format.
+MIN_SCALE_EXP: tl.constexpr = -126
+MIN_SCALE: tl.constexpr = 2.0**-126
+E4M3_MAX: tl.constexpr = 448.0
+NAN_CODE: tl.constexpr = 0x7F
+# An exponent below any real one; marks "no finite non-zero value" in max reductions.
+NO_EXP: tl.constexpr = -1024
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def needs_emulated_cast(device: torch.device) -> bool:
+    """Whether kernels on ``device`` must use the integer E4M3 cast (see module docstring)."""
+    if os.environ.get("FP8FLOW_EMULATE_FP8_CAST", "0") not in ("", "0"):
+        return True
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def fp8_view(t: torch.Tensor, emulate: bool) -> torch.Tensor:
+    """The tensor a kernel should read/write FP8 codes through."""
+    return t.view(torch.uint8) if emulate else t
+
+
+@triton.jit
+def pow2_exponent(a):
+    """Smallest int e with a <= 448 * 2^e for finite normal fp32 a > 0 (448 = 1.75 * 2^8)."""
+    bits = a.to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+
+
+@triton.jit
+def exp2_int(e):
+    """2^e as fp32 for int32 e in [-126, 127], exact."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_exponent_from_amax(amax):
+    """Exponent of the power-of-two scale of a block with finite amax (0 for an empty block)."""
+    e = tl.maximum(pow2_exponent(amax), MIN_SCALE_EXP)
+    return tl.where(amax > 0, e, 0)
+
+
+@triton.jit
+def scale_inv_from_amax(amax, POW2: tl.constexpr):
+    if POW2:
+        s = exp2_int(scale_exponent_from_amax(amax))
+    else:
+        s = tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, E4M3_MAX), MIN_SCALE), 1.0)
+    return s
+
+
+@triton.jit
+def divide_by_scale(x, s, POW2: tl.constexpr):
+    """fl(x / s); for power-of-two s a multiply by the exact reciprocal 2^-e."""
+    if POW2:
+        inv = ((254 << 23) - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        return x * inv
+    else:
+        return tl.math.div_rn(x, s)
+
+
+@triton.jit
+def encode_e4m3(v, EMULATE: tl.constexpr):
+    """RNE cast of fp32 ``v`` (|v| <= 448, or NaN) to E4M3; NaN -> code 0x7F.
+
+    Returns ``tl.float8e4nv`` values (native) or ``uint8`` codes (EMULATE).
+    """
+    if EMULATE:
+        isnan = v != v
+        bits = v.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        a = tl.where(isnan, 0.0, tl.abs(v))
+        # Subnormal range (|v| < 2^-6): the grid is 2^-9; adding 2^14 makes fp32 itself round
+        # to that grid with ties to even (ulp(2^14) = 2^-9 in fp32).
+        sub_code = (((a + 16384.0) - 16384.0) * 512.0).to(tl.int32)
+        # Normal range: RNE of the 23-bit mantissa to 3 bits; a carry moves into the exponent.
+        abits = a.to(tl.int32, bitcast=True)
+        rn = abits + 0x7FFFF + ((abits >> 20) & 1)
+        norm_code = ((rn >> 23) - 120) * 8 + ((rn >> 20) & 7)
+        code = tl.where(a < 0.015625, sub_code, norm_code) | sign
+        code = tl.where(isnan, NAN_CODE, code)
+        return code.to(tl.uint8)
+    else:
+        # cvt.rn.satfinite gives a NaN code for NaN; normalize its sign to 0x7F.
+        return tl.where(v != v, float("nan"), v).to(tl.float8e4nv)
+
+
+@triton.jit
+def decode_e4m3(q, EMULATE: tl.constexpr):
+    """E4M3 codes (fp8 or uint8 when EMULATE) to exact fp32 values; NaN codes -> NaN."""
+    if EMULATE:
+        c = q.to(tl.int32)
+        e = (c >> 3) & 0xF
+        m = c & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+        mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+        # Sign through the bits: Triton negates as 0 - x, which would turn -0 into +0.
+        return (mag.to(tl.int32, bitcast=True) | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
+    else:
+        return q.to(tl.float32)
+
+
+@triton.jit
+def is_finite(x):
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, SEARCH_STEPS: tl.constexpr):
+    """Map a global 128-row block index to (first row, rows in block) inside its group.
+
+    ``scale_row_offsets`` holds the cumulative block counts per group (G + 1 entries, empty
+    groups repeat a value). A binary search finds the last g with offsets[g] <= bid. Blocks
+    past the end get 0 rows, so a launch sized by an upper bound needs no host sync.
+    """
+    lo = bid * 0
+    hi = lo + num_groups
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go_right = tl.load(scale_row_offsets_ptr + mid) <= bid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    total_blocks = tl.load(scale_row_offsets_ptr + num_groups)
+    block_in_group = bid - tl.load(scale_row_offsets_ptr + lo)
+    row_start = tl.load(row_offsets_ptr + lo) + block_in_group * 128
+    rows = tl.minimum(tl.load(row_offsets_ptr + lo + 1) - row_start, 128)
+    rows = tl.where(bid < total_blocks, rows, 0)
+    return row_start, rows
+
+
+def search_steps(num_groups: int) -> int:
+    """Binary-search iterations that :func:`locate_block` needs for ``num_groups`` groups."""
+    return max(1, (max(num_groups, 1) - 1).bit_length())

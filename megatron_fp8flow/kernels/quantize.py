@@ -1,0 +1,145 @@
+"""Activation quantization kernels: row-wise 1x128, and row-wise + grouped column-wise in one pass.
+
+References: ``fp8.reference.quantize_rowwise`` / ``quantize_colwise``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv
+from .fp8_common import (
+    divide_by_scale,
+    encode_e4m3,
+    fp8_view,
+    is_finite,
+    locate_block,
+    needs_emulated_cast,
+    scale_inv_from_amax,
+    search_steps,
+)
+
+
+@triton.jit
+def _quantize_rowwise_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, num_kb,
+    BLOCK_M: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols[None, :] < K)
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    finite = is_finite(x)
+    amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
+    s = scale_inv_from_amax(amax, POW2)
+    v = tl.where(finite, divide_by_scale(x, s[:, None], POW2), float("nan"))
+    tl.store(q_ptr + rows64 * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
+    tl.store(s_ptr + rows * num_kb + pid_k, s, mask=row_ok)
+
+
+@triton.jit
+def _quantize_grouped_kernel(
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
+    M, K, stride_xm, num_kb, num_groups,
+    WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    """One 128-row block of one group x 128 columns: column-wise (and optionally row-wise) output."""
+    bid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, SEARCH_STEPS)
+    r = tl.arange(0, 128)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    row_ok = r < nrows
+    col_ok = cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = (row_start + r).to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    finite = is_finite(x)
+    ax = tl.where(finite, tl.abs(x), 0.0)
+
+    # Column-wise: one scale per column of this 128-row block, data stored transposed [K, M].
+    s_col = scale_inv_from_amax(tl.max(ax, axis=0), POW2)
+    v_col = tl.where(finite, divide_by_scale(x, s_col[None, :], POW2), float("nan"))
+    q_col = tl.trans(encode_e4m3(v_col, EMULATE))
+    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + (row_start + r)[None, :], q_col,
+             mask=col_ok[:, None] & row_ok[None, :])
+    tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
+
+    if WRITE_ROWWISE:
+        s_row = scale_inv_from_amax(tl.max(ax, axis=1), POW2)
+        v_row = tl.where(finite, divide_by_scale(x, s_row[:, None], POW2), float("nan"))
+        tl.store(q_ptr + rows64 * K + cols[None, :], encode_e4m3(v_row, EMULATE), mask=mask)
+        tl.store(s_ptr + (row_start + r) * num_kb + pid_k, s_row, mask=row_ok)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"FP8 quantization expects a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"FP8 quantization expects bf16, fp16 or fp32 input, got {x.dtype}")
+
+
+def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 32, num_warps: int = 4):
+    """Row-wise 1x128 quantization. Returns (data [M, K] e4m3, scale_inv [M, ceil(K/128)])."""
+    _check_input(x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    num_kb = cdiv(k, BLOCK)
+    data = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale_inv = torch.empty(m, num_kb, dtype=torch.float32, device=x.device)
+    if m and k:
+        emulate = needs_emulated_cast(x.device)
+        grid = (cdiv(m, block_m), num_kb)
+        _quantize_rowwise_kernel[grid](
+            x, fp8_view(data, emulate), scale_inv, m, k, x.stride(0), num_kb,
+            BLOCK_M=block_m, POW2=pow2_scales, EMULATE=emulate, num_warps=num_warps,
+        )
+    return data, scale_inv
+
+
+def quantize_grouped(
+    x: torch.Tensor, groups: GroupSplits, pow2_scales: bool = True, write_rowwise: bool = True,
+    num_warps: int = 8,
+):
+    """Column-wise (per group) and optionally row-wise quantization in one read of ``x``.
+
+    Returns (row data, row scale_inv, col data [K, M], col scale_inv [blocks, K]); the row-wise
+    pair is None when ``write_rowwise`` is False. With device-side group sizes the column-wise
+    scale tensor has ``groups.scale_rows_capacity`` rows; rows past the real count are zero.
+    """
+    _check_input(x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    num_kb = cdiv(k, BLOCK)
+    dev = x.device
+    data_t = torch.empty(k, m, dtype=FP8_DTYPE, device=dev)
+    alloc = torch.empty if groups.exact else torch.zeros
+    scale_t = alloc(groups.scale_rows_capacity, k, dtype=torch.float32, device=dev)
+    data = scale = None
+    if write_rowwise:
+        data = torch.empty(m, k, dtype=FP8_DTYPE, device=dev)
+        scale = torch.empty(m, num_kb, dtype=torch.float32, device=dev)
+    if m and k and groups.scale_rows_capacity:
+        emulate = needs_emulated_cast(dev)
+        dummy = data_t  # never written when WRITE_ROWWISE is False
+        grid = (groups.scale_rows_capacity, num_kb)
+        _quantize_grouped_kernel[grid](
+            x,
+            fp8_view(data if write_rowwise else dummy, emulate),
+            scale if write_rowwise else scale_t,
+            fp8_view(data_t, emulate), scale_t,
+            groups.scale_row_offsets, groups.row_offsets,
+            m, k, x.stride(0), num_kb, groups.num_groups,
+            WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
+            SEARCH_STEPS=search_steps(groups.num_groups), num_warps=num_warps,
+        )
+    return data, scale, data_t, scale_t

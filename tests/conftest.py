@@ -1,0 +1,78 @@
+"""Shared test set-up.
+
+Kernels run natively when a CUDA GPU is present; otherwise under the Triton interpreter on CPU
+(``TRITON_INTERPRET`` must be set before any kernel module is imported, hence here).
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from megatron_fp8flow import fp8  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the Triton kernels under test run: the GPU, or the CPU interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(params=["native", "emulated"] if HAS_CUDA else ["emulated"])
+def cast_path(request, monkeypatch):
+    """On a GPU, run kernel tests through both E4M3 cast implementations."""
+    if request.param == "emulated" and HAS_CUDA:
+        monkeypatch.setenv("FP8FLOW_EMULATE_FP8_CAST", "1")
+    return request.param
+
+
+def codes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> None:
+    """Exact equality of bit patterns (FP8 codes or fp32 scales), with a useful message."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = codes(actual).cpu(), codes(expected).cpu()
+    nan_a = nan_e = torch.zeros(a.shape, dtype=torch.bool)
+    if a.dtype.is_floating_point:
+        # Wide floats: every NaN counts as the same value (payload bits carry no meaning).
+        nan_a, nan_e = a.isnan(), e.isnan()
+        int_t = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+        a, e = a.view(int_t), e.view(int_t)
+    diff = (a != e) & ~(nan_a & nan_e) | (nan_a != nan_e)
+    n = int(diff.sum())
+    if n:
+        idx = diff.nonzero()[:5].tolist()
+        samples = [(i, int(a[tuple(i)]), int(e[tuple(i)])) for i in idx]
+        raise AssertionError(f"{what}: {n} of {a.numel()} elements differ; (index, got, expected): {samples}")
+
+
+def assert_fp8_equal(actual: fp8.BlockwiseFP8Tensor, expected: fp8.BlockwiseFP8Tensor, what: str = "") -> None:
+    assert actual.layout == expected.layout, f"{what}: layout {actual.layout} != {expected.layout}"
+    assert tuple(actual.shape) == tuple(expected.shape)
+    assert_bits_equal(actual.data, expected.data, f"{what} data")
+    assert_bits_equal(actual.scale_inv, expected.scale_inv, f"{what} scale_inv")
+
+
+def make_activations(m: int, k: int, kind: str = "gaussian", seed: int = 0, device="cpu", dtype=torch.float32):
+    """Realistic test inputs: Gaussian, heavy-tailed (log-normal row magnitudes) or outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if kind == "heavy":
+        x = x * torch.exp(2.0 * torch.randn(m, 1, generator=g))
+    elif kind == "outlier":
+        cols = torch.randperm(k, generator=g)[: max(1, k // 64)]
+        x[:, cols] *= 200.0
+    elif kind == "wide":
+        # Rows spanning 2^-40 .. 2^40: column-wise re-encoding pushes many values into
+        # (and below) the E4M3 subnormal range.
+        x = x * torch.exp2(torch.randint(-40, 41, (m, 1), generator=g).float())
+    elif kind != "gaussian":
+        raise ValueError(kind)
+    return x.to(device=device, dtype=dtype)
