@@ -1,0 +1,72 @@
+"""``fp8flow`` command line: numerics report and GPU benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+
+def _cmd_numerics(args) -> int:
+    from rich.console import Console
+
+    from . import numerics
+
+    console = Console()
+    rows = numerics.run(m=args.m, k=args.k, groups=args.groups, seed=args.seed)
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, Triton interpreter"
+    console.print(numerics.render(rows, args.m, args.k, args.groups, device))
+    console.print(
+        "rel. error = ||x_hat - x|| / ||x||. DQ+RQ = dequantize the row-wise tensor, requantize "
+        "column-wise (double quantization). SAT = scaling-aware transpose on the FP8 bytes."
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    bad = [r.kind for r in rows if r.sat_column_code_mismatches or r.sat_column_scale_mismatches]
+    if bad:
+        console.print(f"[red]SAT column is not bit-identical to dequantize+requantize for: {bad}[/red]")
+        return 1
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .benchmarks import sat_quantize
+
+    if args.which == "sat":
+        result = sat_quantize.run(ep=args.ep, out_dir=args.out, sweep=args.sweep)
+        print(sat_quantize.render(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fp8flow", description="FP8-Flow MoE for Megatron-Core")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    n = sub.add_parser("numerics", help="report quantization, double-quantization and SAT errors")
+    n.add_argument("--m", type=int, default=2048, help="tokens (rows)")
+    n.add_argument("--k", type=int, default=1024, help="hidden size (columns)")
+    n.add_argument("--groups", type=int, default=8, help="experts the tokens are grouped into")
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--json", help="also write the figures to this JSON file")
+    n.set_defaults(func=_cmd_numerics)
+
+    b = sub.add_parser("bench", help="GPU benchmarks (CUDA required)")
+    b.add_argument("which", choices=["sat"], help="sat: scaling-aware transpose and row-wise quantize")
+    b.add_argument("--ep", type=int, default=8, help="expert parallel size: local experts = experts / EP")
+    b.add_argument("--out", help="directory for the JSON results")
+    b.add_argument("--sweep", action="store_true", help="also time kernel launch configurations")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
