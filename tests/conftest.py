@@ -73,6 +73,9 @@ def make_activations(m: int, k: int, kind: str = "gaussian", seed: int = 0, devi
         # Rows spanning 2^-40 .. 2^40: column-wise re-encoding pushes many values into
         # (and below) the E4M3 subnormal range.
         x = x * torch.exp2(torch.randint(-40, 41, (m, 1), generator=g).float())
+    elif kind == "tiny":
+        # Row scales near the 2^-126 clamp: dequantized values are fp32 subnormals.
+        x = x * torch.exp2(torch.randint(-140, -100, (m, 1), generator=g).float())
     elif kind != "gaussian":
         raise ValueError(kind)
     return x.to(device=device, dtype=dtype)

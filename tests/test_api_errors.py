@@ -49,8 +49,8 @@ def test_sat_refuses_fp32_scales_and_wrong_layout():
         fp8.scaling_aware_transpose(fp8.quantize(x, backend="reference"), [128])
 
 
-def test_nan_and_inf_never_become_finite():
-    x = torch.randn(4, 256)
+def test_nan_and_inf_never_become_finite(device):
+    x = torch.randn(4, 256, device=device)
     x[0, 0], x[1, 1], x[2, 130] = float("nan"), float("inf"), -float("inf")
     for backend in ("reference", "triton"):
         for pow2 in (True, False):

@@ -38,7 +38,7 @@ def test_rowwise_quantize(device, cast_path, shape, dtype, pow2):
     assert_fp8_equal(_cpu_ref(got), exp, "rowwise")
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "outlier", "wide"])
+@pytest.mark.parametrize("kind", ["gaussian", "outlier", "wide", "tiny"])
 def test_rowwise_quantize_inputs(device, cast_path, kind):
     x = make_activations(200, 512, kind=kind, seed=3)
     x[7, 9] = float("nan")
@@ -87,7 +87,7 @@ def _sat_expected(q: fp8.BlockwiseFP8Tensor, splits, variant):
 
 @pytest.mark.parametrize("k, splits", GROUPED_CASES)
 @pytest.mark.parametrize("variant", ["column", "tile"])
-@pytest.mark.parametrize("kind", ["heavy", "wide"])
+@pytest.mark.parametrize("kind", ["heavy", "wide", "tiny"])
 def test_sat_bit_identical(device, cast_path, k, splits, variant, kind):
     x = make_activations(sum(splits), k, kind=kind, seed=k + len(splits))
     q = fp8.quantize(x.to(device), backend="triton")

@@ -164,22 +164,28 @@ def bench_rowwise(m: int, k: int, device) -> QuantRow:
 
 def sweep_configs(m: int, k: int, experts: int, ep: int, device) -> list:
     """Time kernel launch configurations at one shape (used to choose the defaults)."""
-    from ..kernels.quantize import quantize_rowwise
+    from ..kernels.quantize import quantize_grouped, quantize_rowwise
     from ..kernels.scaling_aware_transpose import scaling_aware_transpose as sat_kernel
 
     splits = jittered_splits(m, max(1, experts // ep), seed=m + k)
     x = (torch.randn(m, k, device=device) * torch.exp(torch.randn(m, 1, device=device))).bfloat16()
     q = fp8.quantize(x)
     groups = fp8.GroupSplits.build(splits, m, device)
+    shape = f"{m}x{k}"
     rows = []
     for block_k in (32, 64, 128):
         for warps in (2, 4, 8):
             t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps))
-            rows.append(("sat", f"block_k={block_k} warps={warps}", t))
-    for block_m in (8, 16, 32, 64):
+            rows.append((shape, "sat column", f"block_k={block_k} warps={warps}", t))
+            t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, num_warps=warps))
+            rows.append((shape, "col quantize", f"block_k={block_k} warps={warps}", t))
+    for warps in (2, 4, 8):
+        t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=True, num_warps=warps))
+        rows.append((shape, "row+col quantize", f"block_k=128 warps={warps}", t))
+    for block_m in (8, 16, 32):
         for warps in (2, 4, 8):
             t = _bench(lambda: quantize_rowwise(x, block_m=block_m, num_warps=warps))
-            rows.append(("rowwise", f"block_m={block_m} warps={warps}", t))
+            rows.append((shape, "rowwise quantize", f"block_m={block_m} warps={warps}", t))
     return rows
 
 
@@ -202,8 +208,9 @@ def run(ep: int = 8, reference_dir: Optional[str] = None, out_dir: Optional[str]
         "rowwise": [asdict(bench_rowwise(m, k, device)) for m, k, _ in shapes],
     }
     if sweep:
-        m, k, e = shapes[3 if len(shapes) > 3 else 0]
-        result["sweep"] = sweep_configs(m, k, e, ep, device)
+        result["sweep"] = []
+        for m, k, e in (shapes[0], shapes[-3] if len(shapes) > 2 else shapes[-1]):
+            result["sweep"] += sweep_configs(m, k, e, ep, device)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "sat_quantize.json"), "w") as f:
@@ -242,6 +249,6 @@ def render(result: dict) -> str:
             f"{100 * r['frac_of_copy']:.0f}% | {r['floor_ms']:.4f} |"
         )
     if "sweep" in result:
-        lines += ["", "| kernel | config | ms |", "| --- | --- | --- |"]
-        lines += [f"| {a} | {b} | {c:.4f} |" for a, b, c in result["sweep"]]
+        lines += ["", "| shape | kernel | config | ms |", "| --- | --- | --- | --- |"]
+        lines += [f"| {a} | {b} | {c} | {d:.4f} |" for a, b, c, d in result["sweep"]]
     return "\n".join(lines)

@@ -21,7 +21,7 @@ def _dequantize_rowwise_kernel(
     row_ok = rows < M
     mask = row_ok[:, None] & (cols[None, :] < K)
     offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    q = decode_e4m3(tl.load(q_ptr + offs, mask=mask, other=0), EMULATE)
+    q = decode_e4m3(tl.load(q_ptr + offs, mask=mask), EMULATE)
     s = tl.load(s_ptr + rows * num_kb + pid_k, mask=row_ok, other=0.0)
     tl.store(out_ptr + offs, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 

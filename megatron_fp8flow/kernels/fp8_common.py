@@ -21,12 +21,12 @@ import triton
 import triton.language as tl
 
 # Smallest allowed scale exponent (scales stay normal fp32 numbers); see fp8.format.
-MIN_SCALE_EXP: tl.constexpr = -126
-MIN_SCALE: tl.constexpr = 2.0**-126
-E4M3_MAX: tl.constexpr = 448.0
-NAN_CODE: tl.constexpr = 0x7F
+MIN_SCALE_EXP = tl.constexpr(-126)
+MIN_SCALE = tl.constexpr(2.0**-126)
+E4M3_MAX = tl.constexpr(448.0)
+NAN_CODE = tl.constexpr(0x7F)
 # An exponent below any real one; marks "no finite non-zero value" in max reductions.
-NO_EXP: tl.constexpr = -1024
+NO_EXP = tl.constexpr(-1024)
 
 
 def interpreter_active() -> bool:
@@ -77,11 +77,16 @@ def scale_inv_from_amax(amax, POW2: tl.constexpr):
 
 
 @triton.jit
+def reciprocal_pow2(s):
+    """1 / s exactly, for a power of two s = 2^e with e in [-126, 127)."""
+    return ((254 << 23) - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def divide_by_scale(x, s, POW2: tl.constexpr):
     """fl(x / s); for power-of-two s a multiply by the exact reciprocal 2^-e."""
     if POW2:
-        inv = ((254 << 23) - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
-        return x * inv
+        return x * reciprocal_pow2(s)
     else:
         return tl.math.div_rn(x, s)
 
@@ -134,28 +139,29 @@ def is_finite(x):
 
 
 @triton.jit
-def locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, SEARCH_STEPS: tl.constexpr):
+def locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2: tl.constexpr):
     """Map a global 128-row block index to (first row, rows in block) inside its group.
 
-    ``scale_row_offsets`` holds the cumulative block counts per group (G + 1 entries, empty
-    groups repeat a value). A binary search finds the last g with offsets[g] <= bid. Blocks
-    past the end get 0 rows, so a launch sized by an upper bound needs no host sync.
+    ``scale_row_offsets`` holds the cumulative block counts per group and ``row_offsets`` the
+    cumulative rows (G + 1 entries each; empty groups repeat a value). Both are read as one
+    vector each (no chain of dependent loads); the group is the last g with
+    scale_row_offsets[g] <= bid. Blocks past the end get 0 rows, so a launch sized by an
+    upper bound needs no host sync.
     """
-    lo = bid * 0
-    hi = lo + num_groups
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        go_right = tl.load(scale_row_offsets_ptr + mid) <= bid
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    total_blocks = tl.load(scale_row_offsets_ptr + num_groups)
-    block_in_group = bid - tl.load(scale_row_offsets_ptr + lo)
-    row_start = tl.load(row_offsets_ptr + lo) + block_in_group * 128
-    rows = tl.minimum(tl.load(row_offsets_ptr + lo + 1) - row_start, 128)
+    idx = tl.arange(0, GROUPS_P2)
+    in_range = idx <= num_groups
+    blk_offs = tl.load(scale_row_offsets_ptr + idx, mask=in_range, other=0x7FFFFFFF)
+    row_offs = tl.load(row_offsets_ptr + idx, mask=in_range, other=0)
+    total_blocks = tl.max(tl.where(in_range, blk_offs, 0), axis=0)
+    g = tl.minimum(tl.sum((blk_offs <= bid).to(tl.int32), axis=0) - 1, num_groups - 1)
+    first_block = tl.sum(tl.where(idx == g, blk_offs, 0), axis=0)
+    row_start = tl.sum(tl.where(idx == g, row_offs, 0), axis=0) + (bid - first_block) * 128
+    row_end = tl.sum(tl.where(idx == g + 1, row_offs, 0), axis=0)
+    rows = tl.minimum(row_end - row_start, 128)
     rows = tl.where(bid < total_blocks, rows, 0)
     return row_start, rows
 
 
-def search_steps(num_groups: int) -> int:
-    """Binary-search iterations that :func:`locate_block` needs for ``num_groups`` groups."""
-    return max(1, (max(num_groups, 1) - 1).bit_length())
+def groups_p2(num_groups: int) -> int:
+    """Vector width :func:`locate_block` needs for ``num_groups`` groups (G + 1 offsets)."""
+    return triton.next_power_of_2(num_groups + 1)

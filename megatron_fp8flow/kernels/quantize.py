@@ -18,7 +18,7 @@ from .fp8_common import (
     locate_block,
     needs_emulated_cast,
     scale_inv_from_amax,
-    search_steps,
+    groups_p2,
 )
 
 
@@ -47,36 +47,42 @@ def _quantize_rowwise_kernel(
 def _quantize_grouped_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, stride_xm, num_kb, num_groups,
-    WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    BLOCK_K: tl.constexpr, WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr,
+    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
 ):
-    """One 128-row block of one group x 128 columns: column-wise (and optionally row-wise) output."""
+    """One 128-row block of one group x BLOCK_K columns: column-wise (and optionally row-wise) output.
+
+    The row-wise part works in the load orientation; the column-wise part transposes the raw
+    input tile first and works in the output orientation (reduction along the fast axis,
+    coalesced store of the transposed codes).
+    """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, SEARCH_STEPS)
+    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
     r = tl.arange(0, 128)
-    cols = pid_k * 128 + tl.arange(0, 128)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = r < nrows
     col_ok = cols < K
     mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = (row_start + r).to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    finite = is_finite(x)
-    ax = tl.where(finite, tl.abs(x), 0.0)
+    rows = row_start + r
+    rows64 = rows.to(tl.int64)[:, None]
+    x_raw = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0)
 
-    # Column-wise: one scale per column of this 128-row block, data stored transposed [K, M].
-    s_col = scale_inv_from_amax(tl.max(ax, axis=0), POW2)
-    v_col = tl.where(finite, divide_by_scale(x, s_col[None, :], POW2), float("nan"))
-    q_col = tl.trans(encode_e4m3(v_col, EMULATE))
-    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + (row_start + r)[None, :], q_col,
-             mask=col_ok[:, None] & row_ok[None, :])
-    tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
-
-    if WRITE_ROWWISE:
-        s_row = scale_inv_from_amax(tl.max(ax, axis=1), POW2)
+    if WRITE_ROWWISE:  # BLOCK_K == 128: one row-wise block per row
+        x = x_raw.to(tl.float32)
+        finite = is_finite(x)
+        s_row = scale_inv_from_amax(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1), POW2)
         v_row = tl.where(finite, divide_by_scale(x, s_row[:, None], POW2), float("nan"))
         tl.store(q_ptr + rows64 * K + cols[None, :], encode_e4m3(v_row, EMULATE), mask=mask)
-        tl.store(s_ptr + (row_start + r) * num_kb + pid_k, s_row, mask=row_ok)
+        tl.store(s_ptr + rows * num_kb + pid_k, s_row, mask=row_ok)
+
+    xt = tl.trans(x_raw).to(tl.float32)  # [BLOCK_K, 128]
+    finite_t = is_finite(xt)
+    s_col = scale_inv_from_amax(tl.max(tl.where(finite_t, tl.abs(xt), 0.0), axis=1), POW2)
+    v_col = tl.where(finite_t, divide_by_scale(xt, s_col[:, None], POW2), float("nan"))
+    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], encode_e4m3(v_col, EMULATE),
+             mask=col_ok[:, None] & row_ok[None, :])
+    tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -86,7 +92,7 @@ def _check_input(x: torch.Tensor) -> None:
         raise TypeError(f"FP8 quantization expects bf16, fp16 or fp32 input, got {x.dtype}")
 
 
-def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 32, num_warps: int = 4):
+def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 16, num_warps: int = 4):
     """Row-wise 1x128 quantization. Returns (data [M, K] e4m3, scale_inv [M, ceil(K/128)])."""
     _check_input(x)
     if x.stride(1) != 1:
@@ -107,7 +113,7 @@ def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 3
 
 def quantize_grouped(
     x: torch.Tensor, groups: GroupSplits, pow2_scales: bool = True, write_rowwise: bool = True,
-    num_warps: int = 8,
+    block_k: int = 64, num_warps: int = 4,
 ):
     """Column-wise (per group) and optionally row-wise quantization in one read of ``x``.
 
@@ -131,7 +137,9 @@ def quantize_grouped(
     if m and k and groups.scale_rows_capacity:
         emulate = needs_emulated_cast(dev)
         dummy = data_t  # never written when WRITE_ROWWISE is False
-        grid = (groups.scale_rows_capacity, num_kb)
+        if write_rowwise:
+            block_k = 128  # the row-wise scale spans 128 columns
+        grid = (groups.scale_rows_capacity, cdiv(k, block_k))
         _quantize_grouped_kernel[grid](
             x,
             fp8_view(data if write_rowwise else dummy, emulate),
@@ -139,7 +147,7 @@ def quantize_grouped(
             fp8_view(data_t, emulate), scale_t,
             groups.scale_row_offsets, groups.row_offsets,
             m, k, x.stride(0), num_kb, groups.num_groups,
-            WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
-            SEARCH_STEPS=search_steps(groups.num_groups), num_warps=num_warps,
+            BLOCK_K=block_k, WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
+            GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps,
         )
     return data, scale, data_t, scale_t

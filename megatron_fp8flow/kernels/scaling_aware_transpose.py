@@ -1,19 +1,20 @@
 """Scaling-aware transpose (SAT): row-wise 1x128 FP8 -> grouped column-wise FP8 without BF16.
 
 With power-of-two scales every element is re-encoded by an exponent shift,
-``q' = RNE_e4m3(q * 2^(e_row - e_col))``, exact unless the result falls into the E4M3
-subnormal range, where it rounds to nearest even.
+``q' = RNE_e4m3(q * s_row / S)``, exact unless the result falls into the E4M3 subnormal
+range, where it rounds to nearest even.
 
-``column`` variant: ``e_col`` is derived exactly from the codes and row scale exponents,
-``e_col = max_i (e_row_i + t(q_i))`` with ``t(q)`` the smallest t such that ``|q| <= 448 * 2^t``.
-Because ``ceil(log2(.))`` is monotone this equals the power-of-two scale of the exact column
-amax of the dequantized values, so the output is bit-identical to
-``quantize_colwise(dequantize(q))`` while reading only FP8 bytes and never forming a product
-that could underflow.
+The kernel transposes the FP8 bytes of a 128-row x BLOCK_K tile first (one 8-bit layout
+change), then works in the output orientation, where the per-column reduction runs along the
+fast axis and the store is coalesced. In registers, ``q * s_row`` is formed in fp32: exact,
+because an E4M3 value times a power of two >= 2^-126 needs at most 4 significant bits above
+2^-138 (fp32 subnormals are kept on GPUs unless flush-to-zero is requested; tests cover scales
+near 2^-126). No BF16 tensor is ever written.
 
-``tile`` variant: ``e_col`` is the largest row scale exponent of the 128x128 tile (the
-paper's choice). References: ``fp8.reference.quantize_colwise`` composed with dequantization,
-and ``fp8.reference.sat_tile``.
+``column`` variant: ``S`` is the power-of-two scale of the exact column amax, so the output is
+bit-identical to ``quantize_colwise(dequantize(q))``. ``tile`` variant: ``S`` is the largest
+usable row scale of the 128x128 tile (the paper's choice). References:
+``fp8.reference.quantize_colwise`` composed with dequantization, and ``fp8.reference.sat_tile``.
 """
 
 from __future__ import annotations
@@ -24,17 +25,16 @@ import triton.language as tl
 
 from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv
 from .fp8_common import (
-    MIN_SCALE_EXP,
-    NO_EXP,
     decode_e4m3,
     encode_e4m3,
     exp2_int,
     fp8_view,
+    groups_p2,
     is_finite,
     locate_block,
     needs_emulated_cast,
-    pow2_exponent,
-    search_steps,
+    reciprocal_pow2,
+    scale_exponent_from_amax,
 )
 
 
@@ -43,48 +43,35 @@ def _sat_kernel(
     q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, num_kb, num_groups,
     BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,
+    GROUPS_P2: tl.constexpr,
 ):
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, SEARCH_STEPS)
+    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
     r = tl.arange(0, 128)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = r < nrows
     col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
     rows = row_start + r
     rows64 = rows.to(tl.int64)
 
-    q = tl.load(q_ptr + rows64[:, None] * K + cols[None, :], mask=mask, other=0)
-    qf = decode_e4m3(q, EMULATE)
+    q = tl.load(q_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
     # One row scale per row: BLOCK_K never straddles a 128-column scale block.
     s = tl.load(s_ptr + rows64 * num_kb + (pid_k * BLOCK_K) // 128, mask=row_ok, other=0.0)
-    s_usable = is_finite(s) & (s > 0)
-    e_row = tl.where(s_usable, ((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, NO_EXP)
-    # Elements that dequantize to NaN (NaN code, or a non-finite row scale).
-    nan_out = (qf != qf) | (~is_finite(s))[:, None]
 
+    # Output orientation [BLOCK_K, 128]: columns of the input are rows here.
+    x = decode_e4m3(tl.trans(q), EMULATE) * s[None, :]  # exact dequantized values
+    mask_t = col_ok[:, None] & row_ok[None, :]
+    finite = is_finite(x) & row_ok[None, :]
     if TILE_SCALE:
-        e_tile = tl.max(e_row, axis=0)
-        e_col = tl.where(e_tile > NO_EXP, e_tile, 0)
-        e_col_b = e_col + tl.zeros([BLOCK_K], dtype=tl.int32)
+        s_max = tl.max(tl.where(is_finite(s) & row_ok, s, 0.0), axis=0)
+        scale = tl.where(s_max > 0, s_max, 1.0) + tl.zeros([BLOCK_K], dtype=tl.float32)
     else:
-        live = mask & (qf != 0) & (~nan_out) & s_usable[:, None]
-        aq = tl.where(live, tl.abs(qf), 1.0)
-        need = tl.where(live, e_row[:, None] + pow2_exponent(aq), NO_EXP)
-        e_max = tl.max(need, axis=0)
-        e_col_b = tl.where(e_max > NO_EXP, tl.maximum(e_max, MIN_SCALE_EXP), 0)
-
-    # Shift in [-30, 17]: below -30 every |q| <= 448 lands under 2^-21 and rounds to zero,
-    # so clamping keeps 2^shift a normal fp32 number without changing any result.
-    shift = tl.minimum(tl.maximum(e_row[:, None] - e_col_b[None, :], -30), 30)
-    v = qf * exp2_int(shift)
-    v = tl.where(nan_out, float("nan"), v)
-    out = tl.trans(encode_e4m3(v, EMULATE))
-    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], out,
-             mask=col_ok[:, None] & row_ok[None, :])
-    tl.store(st_ptr + bid.to(tl.int64) * K + cols, exp2_int(e_col_b), mask=col_ok & (nrows > 0))
+        amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
+        scale = exp2_int(scale_exponent_from_amax(amax))
+    v = tl.where(finite, x * reciprocal_pow2(scale)[:, None], float("nan"))
+    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], encode_e4m3(v, EMULATE), mask=mask_t)
+    tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=col_ok & (nrows > 0))
 
 
 def scaling_aware_transpose(
@@ -92,8 +79,8 @@ def scaling_aware_transpose(
     scale_inv: torch.Tensor,
     groups: GroupSplits,
     tile_scale: bool = False,
-    block_k: int = 128,
-    num_warps: int = 8,
+    block_k: int = 64,
+    num_warps: int = 4,
 ):
     """Row-wise FP8 [M, K] -> column-wise FP8 (data [K, M], scale_inv [blocks, K]).
 
@@ -117,6 +104,6 @@ def scaling_aware_transpose(
             groups.scale_row_offsets, groups.row_offsets,
             m, k, num_kb, groups.num_groups,
             BLOCK_K=block_k, TILE_SCALE=tile_scale, EMULATE=emulate,
-            SEARCH_STEPS=search_steps(groups.num_groups), num_warps=num_warps,
+            GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps,
         )
     return data_t, scale_t
