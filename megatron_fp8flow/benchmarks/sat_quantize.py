@@ -173,19 +173,21 @@ def sweep_configs(m: int, k: int, experts: int, ep: int, device) -> list:
     groups = fp8.GroupSplits.build(splits, m, device)
     shape = f"{m}x{k}"
     rows = []
-    for block_k in (32, 64, 128):
-        for warps in (2, 4, 8):
-            t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps))
-            rows.append((shape, "sat column", f"block_k={block_k} warps={warps}", t))
-            t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, num_warps=warps))
-            rows.append((shape, "col quantize", f"block_k={block_k} warps={warps}", t))
-    for warps in (2, 4, 8):
-        t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=True, num_warps=warps))
-        rows.append((shape, "row+col quantize", f"block_k=128 warps={warps}", t))
-    for block_m in (8, 16, 32):
-        for warps in (2, 4, 8):
-            t = _bench(lambda: quantize_rowwise(x, block_m=block_m, num_warps=warps))
-            rows.append((shape, "rowwise quantize", f"block_m={block_m} warps={warps}", t))
+    for block_k in (64, 128):
+        for chunks in (1, 2, 4):
+            for warps in (4, 8):
+                cfg = f"block_k={block_k} chunks={chunks} warps={warps}"
+                t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, chunks=chunks, num_warps=warps))
+                rows.append((shape, "sat column", cfg, t))
+                t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, chunks=chunks, num_warps=warps))
+                rows.append((shape, "col quantize", cfg, t))
+    for chunks in (1, 2):
+        for warps in (4, 8):
+            t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=True, chunks=chunks, num_warps=warps))
+            rows.append((shape, "row+col quantize", f"block_k=128 chunks={chunks} warps={warps}", t))
+    for block_m, warps in ((8, 2), (16, 4), (32, 8)):
+        t = _bench(lambda: quantize_rowwise(x, block_m=block_m, num_warps=warps))
+        rows.append((shape, "rowwise quantize", f"block_m={block_m} warps={warps}", t))
     return rows
 
 

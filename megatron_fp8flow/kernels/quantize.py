@@ -85,6 +85,71 @@ def _quantize_grouped_kernel(
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
 
 
+@triton.jit
+def _code_bits(codes, EMULATE: tl.constexpr):
+    """E4M3 codes (fp8, or uint8 when EMULATE) as int32 bit patterns."""
+    if EMULATE:
+        return codes.to(tl.int32)
+    else:
+        return codes.to(tl.uint8, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def _quantize_grouped_bf16_words_kernel(
+    x32_ptr, q16_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
+    M, K, stride_xw, num_kb, num_groups,
+    BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr,
+    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+):
+    """bf16 input, K even: read 32-bit words (2 elements of a row), transpose words, split halves.
+
+    Each half-plane is in output orientation (row k = 2w + j, values along m), so no 16-bit
+    transpose is needed. The row-wise output (BLOCK_K == 128) is written as packed code pairs.
+    """
+    bid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    WB: tl.constexpr = BLOCK_K // 2
+    r = tl.arange(0, 128)
+    wl = tl.arange(0, WB)
+    row_ok = r < nrows
+    rows = row_start + r
+    rows64 = rows.to(tl.int64)
+    K2 = K // 2
+    for c in range(CHUNKS):
+        kc = pid_k * CHUNKS + c
+        w = kc * WB + wl
+        w_ok = w < K2
+        mask = row_ok[:, None] & w_ok[None, :]
+        a = tl.load(x32_ptr + rows64[:, None] * stride_xw + w[None, :], mask=mask, other=0)
+        if WRITE_ROWWISE:
+            lo = (a << 16).to(tl.float32, bitcast=True)
+            hi = (a & -65536).to(tl.float32, bitcast=True)
+            fin_lo = is_finite(lo)
+            fin_hi = is_finite(hi)
+            amax = tl.maximum(tl.max(tl.where(fin_lo, tl.abs(lo), 0.0), axis=1),
+                              tl.max(tl.where(fin_hi, tl.abs(hi), 0.0), axis=1))
+            s_row = scale_inv_from_amax(amax, POW2)
+            c_lo = encode_e4m3(tl.where(fin_lo, divide_by_scale(lo, s_row[:, None], POW2), float("nan")), EMULATE)
+            c_hi = encode_e4m3(tl.where(fin_hi, divide_by_scale(hi, s_row[:, None], POW2), float("nan")), EMULATE)
+            pair = (_code_bits(c_lo, EMULATE) | (_code_bits(c_hi, EMULATE) << 8)).to(tl.int16)
+            tl.store(q16_ptr + rows64[:, None] * K2 + w[None, :], pair, mask=mask)
+            tl.store(s_ptr + rows * num_kb + kc, s_row, mask=row_ok & (kc * BLOCK_K < K))
+        t = tl.trans(a)  # [WB, 128]
+        for j in tl.static_range(2):
+            if j == 0:
+                x = (t << 16).to(tl.float32, bitcast=True)
+            else:
+                x = (t & -65536).to(tl.float32, bitcast=True)
+            finite = is_finite(x)
+            s_col = scale_inv_from_amax(tl.max(tl.where(finite & row_ok[None, :], tl.abs(x), 0.0), axis=1), POW2)
+            v = tl.where(finite, divide_by_scale(x, s_col[:, None], POW2), float("nan"))
+            k = kc * BLOCK_K + 2 * wl + j
+            tl.store(qt_ptr + k.to(tl.int64)[:, None] * M + rows[None, :], encode_e4m3(v, EMULATE),
+                     mask=w_ok[:, None] & row_ok[None, :])
+            tl.store(st_ptr + bid.to(tl.int64) * K + k, s_col, mask=w_ok & (nrows > 0))
+
+
 def _check_input(x: torch.Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(f"FP8 quantization expects a 2-D [M, K] tensor, got shape {tuple(x.shape)}")
@@ -113,7 +178,7 @@ def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 1
 
 def quantize_grouped(
     x: torch.Tensor, groups: GroupSplits, pow2_scales: bool = True, write_rowwise: bool = True,
-    block_k: int = 64, num_warps: int = 4,
+    block_k: int = 64, chunks: int = 2, num_warps: int = 4,
 ):
     """Column-wise (per group) and optionally row-wise quantization in one read of ``x``.
 
@@ -134,20 +199,37 @@ def quantize_grouped(
     if write_rowwise:
         data = torch.empty(m, k, dtype=FP8_DTYPE, device=dev)
         scale = torch.empty(m, num_kb, dtype=torch.float32, device=dev)
-    if m and k and groups.scale_rows_capacity:
-        emulate = needs_emulated_cast(dev)
-        dummy = data_t  # never written when WRITE_ROWWISE is False
-        if write_rowwise:
-            block_k = 128  # the row-wise scale spans 128 columns
+    if not (m and k and groups.scale_rows_capacity):
+        return data, scale, data_t, scale_t
+    emulate = needs_emulated_cast(dev)
+    common = dict(
+        WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
+        GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps,
+    )
+    if write_rowwise:
+        block_k = 128  # the row-wise scale spans 128 columns
+    row_q = data if write_rowwise else data_t  # never written when WRITE_ROWWISE is False
+    row_s = scale if write_rowwise else scale_t
+    offsets = (groups.scale_row_offsets, groups.row_offsets)
+    words_ok = (
+        x.dtype == torch.bfloat16 and k % 2 == 0 and x.stride(0) % 2 == 0
+        and x.storage_offset() % 2 == 0 and x.data_ptr() % 4 == 0
+    )
+    if words_ok:
+        x32 = x.view(torch.int32)
+        grid = (groups.scale_rows_capacity, cdiv(cdiv(k, block_k), chunks))
+        _quantize_grouped_bf16_words_kernel[grid](
+            x32, row_q.view(torch.int16) if write_rowwise else torch.empty(1, dtype=torch.int16, device=dev),
+            row_s, fp8_view(data_t, emulate), scale_t, *offsets,
+            m, k, x32.stride(0), num_kb, groups.num_groups,
+            BLOCK_K=block_k, CHUNKS=chunks, **common,
+        )
+    else:
         grid = (groups.scale_rows_capacity, cdiv(k, block_k))
         _quantize_grouped_kernel[grid](
-            x,
-            fp8_view(data if write_rowwise else dummy, emulate),
-            scale if write_rowwise else scale_t,
-            fp8_view(data_t, emulate), scale_t,
-            groups.scale_row_offsets, groups.row_offsets,
+            x, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
             m, k, x.stride(0), num_kb, groups.num_groups,
-            BLOCK_K=block_k, WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
-            GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps,
+            BLOCK_K=block_k, **common,
         )
     return data, scale, data_t, scale_t
+

@@ -39,12 +39,70 @@ from .fp8_common import (
 
 
 @triton.jit
-def _sat_kernel(
+def _sat_plane(qf, s, row_ok, C: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """[C, 128] decoded codes in output orientation, [128] row scales -> (codes, [C] scales)."""
+    x = qf * s[None, :]  # exact dequantized values
+    finite = is_finite(x) & row_ok[None, :]
+    if TILE_SCALE:
+        s_max = tl.max(tl.where(is_finite(s) & row_ok, s, 0.0), axis=0)
+        scale = tl.where(s_max > 0, s_max, 1.0) + tl.zeros([C], dtype=tl.float32)
+    else:
+        amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
+        scale = exp2_int(scale_exponent_from_amax(amax))
+    v = tl.where(finite, x * reciprocal_pow2(scale)[:, None], float("nan"))
+    return encode_e4m3(v, EMULATE), scale
+
+
+@triton.jit
+def _sat_words_kernel(
+    q32_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
+    M, K, num_kb, num_groups,
+    BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, TILE_SCALE: tl.constexpr,
+    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+):
+    """K % 4 == 0: transpose 32-bit words (4 codes of a row), then split them into 4 byte planes.
+
+    Each plane is already in output orientation (row k = 4w + j, codes along m), so no 8-bit
+    transpose is needed. A program walks CHUNKS column chunks of one 128-row block.
+    """
+    bid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    WB: tl.constexpr = BLOCK_K // 4
+    r = tl.arange(0, 128)
+    wl = tl.arange(0, WB)
+    row_ok = r < nrows
+    rows = row_start + r
+    rows64 = rows.to(tl.int64)
+    K4 = K // 4
+    for c in range(CHUNKS):
+        kc = pid_k * CHUNKS + c
+        chunk_ok = kc * BLOCK_K < K
+        w = kc * WB + wl
+        w_ok = w < K4
+        a = tl.load(q32_ptr + rows64[:, None] * K4 + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0)
+        s = tl.load(s_ptr + rows64 * num_kb + (kc * BLOCK_K) // 128, mask=row_ok & chunk_ok, other=0.0)
+        t = tl.trans(a)  # [WB, 128] words, output orientation
+        for j in tl.static_range(4):
+            byte = ((t >> (8 * j)) & 0xFF).to(tl.uint8)
+            if EMULATE:
+                qf = decode_e4m3(byte, EMULATE)
+            else:
+                qf = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            codes, scale = _sat_plane(qf, s, row_ok, WB, TILE_SCALE, EMULATE)
+            k = kc * BLOCK_K + 4 * wl + j
+            tl.store(qt_ptr + k.to(tl.int64)[:, None] * M + rows[None, :], codes, mask=w_ok[:, None] & row_ok[None, :])
+            tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=w_ok & (nrows > 0))
+
+
+@triton.jit
+def _sat_bytes_kernel(
     q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, num_kb, num_groups,
     BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     GROUPS_P2: tl.constexpr,
 ):
+    """Any K: transposes the 8-bit tile (slower on the GPU than the word kernel)."""
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
     row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
@@ -54,23 +112,11 @@ def _sat_kernel(
     col_ok = cols < K
     rows = row_start + r
     rows64 = rows.to(tl.int64)
-
     q = tl.load(q_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
     # One row scale per row: BLOCK_K never straddles a 128-column scale block.
     s = tl.load(s_ptr + rows64 * num_kb + (pid_k * BLOCK_K) // 128, mask=row_ok, other=0.0)
-
-    # Output orientation [BLOCK_K, 128]: columns of the input are rows here.
-    x = decode_e4m3(tl.trans(q), EMULATE) * s[None, :]  # exact dequantized values
-    mask_t = col_ok[:, None] & row_ok[None, :]
-    finite = is_finite(x) & row_ok[None, :]
-    if TILE_SCALE:
-        s_max = tl.max(tl.where(is_finite(s) & row_ok, s, 0.0), axis=0)
-        scale = tl.where(s_max > 0, s_max, 1.0) + tl.zeros([BLOCK_K], dtype=tl.float32)
-    else:
-        amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
-        scale = exp2_int(scale_exponent_from_amax(amax))
-    v = tl.where(finite, x * reciprocal_pow2(scale)[:, None], float("nan"))
-    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], encode_e4m3(v, EMULATE), mask=mask_t)
+    codes, scale = _sat_plane(decode_e4m3(tl.trans(q), EMULATE), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
+    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], codes, mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=col_ok & (nrows > 0))
 
 
@@ -80,13 +126,14 @@ def scaling_aware_transpose(
     groups: GroupSplits,
     tile_scale: bool = False,
     block_k: int = 64,
+    chunks: int = 2,
     num_warps: int = 4,
 ):
     """Row-wise FP8 [M, K] -> column-wise FP8 (data [K, M], scale_inv [blocks, K]).
 
     ``scale_inv`` must hold power-of-two scales (the caller checks the tensor's flag).
     With device-side group sizes the output scale tensor has ``groups.scale_rows_capacity``
-    rows and rows past the real block count are zero.
+    rows and rows past the real block count are zero. K % 4 == 0 takes the word kernel.
     """
     if block_k not in (32, 64, 128):
         raise ValueError(f"block_k must be 32, 64 or 128, got {block_k}")
@@ -96,14 +143,21 @@ def scaling_aware_transpose(
     data_t = torch.empty(k, m, dtype=FP8_DTYPE, device=dev)
     alloc = torch.empty if groups.exact else torch.zeros
     scale_t = alloc(groups.scale_rows_capacity, k, dtype=torch.float32, device=dev)
-    if m and k and groups.scale_rows_capacity:
-        emulate = needs_emulated_cast(dev)
+    if not (m and k and groups.scale_rows_capacity):
+        return data_t, scale_t
+    emulate = needs_emulated_cast(dev)
+    common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps)
+    offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, num_kb, groups.num_groups)
+    if k % 4 == 0 and data.is_contiguous():
+        grid = (groups.scale_rows_capacity, cdiv(cdiv(k, block_k), chunks))
+        _sat_words_kernel[grid](
+            data.view(torch.int32), scale_inv, fp8_view(data_t, emulate), scale_t, *offsets,
+            BLOCK_K=block_k, CHUNKS=chunks, **common,
+        )
+    else:
         grid = (groups.scale_rows_capacity, cdiv(k, block_k))
-        _sat_kernel[grid](
-            fp8_view(data, emulate), scale_inv, fp8_view(data_t, emulate), scale_t,
-            groups.scale_row_offsets, groups.row_offsets,
-            m, k, num_kb, groups.num_groups,
-            BLOCK_K=block_k, TILE_SCALE=tile_scale, EMULATE=emulate,
-            GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps,
+        _sat_bytes_kernel[grid](
+            fp8_view(data.contiguous(), emulate), scale_inv, fp8_view(data_t, emulate), scale_t, *offsets,
+            BLOCK_K=block_k, **common,
         )
     return data_t, scale_t
