@@ -211,3 +211,21 @@ def test_empty_inputs(device):
     assert c.data.shape == (256, 0) and c.scale_inv.shape == (0, 256)
     r, c = fp8.quantize_row_and_col(x, [0], backend="triton")
     assert c.data.shape == (256, 0)
+
+
+@pytest.mark.parametrize("variant", ["column", "tile"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_sat_kernel_paths_on_aligned_groups(device, cast_path, variant, packed):
+    """Groups of multiples of 4 rows (as after permute padding) take the packed-word kernel."""
+    from megatron_fp8flow.kernels.scaling_aware_transpose import scaling_aware_transpose as sat_kernel
+
+    splits = [16, 0, 144, 32, 240]
+    x = make_activations(sum(splits), 384, kind="wide", seed=21)
+    x[17, 3] = float("nan")
+    q = fp8.quantize(x.to(device), backend="triton")
+    groups = fp8.GroupSplits.build(splits, q.shape[0], q.device)
+    assert groups.row_alignment == 16
+    data_t, scale_t = sat_kernel(q.data, q.scale_inv, groups, tile_scale=variant == "tile", packed=packed)
+    exp = _sat_expected(q, splits, variant)
+    assert_bits_equal(data_t.cpu(), exp.data.cpu(), "data")
+    assert_bits_equal(scale_t.cpu(), exp.scale_inv.cpu(), "scales")

@@ -164,7 +164,7 @@ def bench_rowwise(m: int, k: int, device) -> QuantRow:
 
 def sweep_configs(m: int, k: int, experts: int, ep: int, device) -> list:
     """Time kernel launch configurations at one shape (used to choose the defaults)."""
-    from ..kernels.quantize import quantize_grouped, quantize_rowwise
+    from ..kernels.quantize import quantize_grouped
     from ..kernels.scaling_aware_transpose import scaling_aware_transpose as sat_kernel
 
     splits = jittered_splits(m, max(1, experts // ep), seed=m + k)
@@ -174,20 +174,17 @@ def sweep_configs(m: int, k: int, experts: int, ep: int, device) -> list:
     shape = f"{m}x{k}"
     rows = []
     for block_k in (64, 128):
-        for chunks in (1, 2, 4):
-            for warps in (4, 8):
-                cfg = f"block_k={block_k} chunks={chunks} warps={warps}"
-                t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, chunks=chunks, num_warps=warps))
-                rows.append((shape, "sat column", cfg, t))
-                t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, chunks=chunks, num_warps=warps))
-                rows.append((shape, "col quantize", cfg, t))
-    for chunks in (1, 2):
-        for warps in (4, 8):
-            t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=True, chunks=chunks, num_warps=warps))
-            rows.append((shape, "row+col quantize", f"block_k=128 chunks={chunks} warps={warps}", t))
-    for block_m, warps in ((8, 2), (16, 4), (32, 8)):
-        t = _bench(lambda: quantize_rowwise(x, block_m=block_m, num_warps=warps))
-        rows.append((shape, "rowwise quantize", f"block_m={block_m} warps={warps}", t))
+        for warps in (2, 4, 8):
+            cfg = f"block_k={block_k} warps={warps}"
+            t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps, packed=True))
+            rows.append((shape, "sat column, packed words", cfg, t))
+            t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps, packed=False, chunks=1))
+            rows.append((shape, "sat column, words", cfg, t))
+    for block_k, warps in ((64, 4), (128, 4)):
+        t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, chunks=1, num_warps=warps))
+        rows.append((shape, "col quantize", f"block_k={block_k} warps={warps}", t))
+    t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=True, chunks=1, num_warps=4))
+    rows.append((shape, "row+col quantize", "block_k=128 warps=4", t))
     return rows
 
 

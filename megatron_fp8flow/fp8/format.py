@@ -16,6 +16,7 @@ The layout is carried explicitly by the container; nothing is ever inferred from
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -75,6 +76,8 @@ class GroupSplits:
     row_offsets: torch.Tensor  # int32 [G + 1], cumulative rows
     scale_row_offsets: torch.Tensor  # int32 [G + 1], cumulative 128-row blocks
     scale_rows_capacity: int
+    # A number every group size is known to be a multiple of (lets kernels use wider accesses).
+    row_alignment: int = 1
 
     @property
     def exact(self) -> bool:
@@ -87,7 +90,10 @@ class GroupSplits:
         return [int(v) for v in self.sizes_device.tolist()]
 
     @classmethod
-    def build(cls, m_splits: SplitsLike, num_rows: int, device: torch.device) -> "GroupSplits":
+    def build(
+        cls, m_splits: SplitsLike, num_rows: int, device: torch.device, row_alignment: int = 1
+    ) -> "GroupSplits":
+        """Group metadata; ``row_alignment`` declares that device-side sizes are multiples of it."""
         if isinstance(m_splits, torch.Tensor):
             if m_splits.dim() != 1 or m_splits.dtype.is_floating_point or m_splits.dtype == torch.bool:
                 raise ValueError(
@@ -105,7 +111,7 @@ class GroupSplits:
             scale_offsets = torch.cat([zero, torch.cumsum(blocks, 0, dtype=torch.int32)])
             # sum_g ceil(m_g/128) <= floor((M + 127 G) / 128)
             capacity = (num_rows + (BLOCK - 1) * g) // BLOCK
-            return cls(num_rows, g, None, sizes_dev, row_offsets, scale_offsets, capacity)
+            return cls(num_rows, g, None, sizes_dev, row_offsets, scale_offsets, capacity, row_alignment)
 
         sizes = [int(v) for v in m_splits]
         if any(v < 0 for v in sizes):
@@ -120,7 +126,8 @@ class GroupSplits:
             rows.append(rows[-1] + v)
             blocks.append(blocks[-1] + cdiv(v, BLOCK))
         as_t = lambda vals: torch.tensor(vals, dtype=torch.int32, device=device)  # noqa: E731
-        return cls(num_rows, len(sizes), sizes, as_t(sizes), as_t(rows), as_t(blocks), blocks[-1])
+        alignment = math.gcd(*sizes, BLOCK) if sizes else BLOCK
+        return cls(num_rows, len(sizes), sizes, as_t(sizes), as_t(rows), as_t(blocks), blocks[-1], alignment)
 
 
 @dataclass

@@ -165,3 +165,40 @@ def locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS
 def groups_p2(num_groups: int) -> int:
     """Vector width :func:`locate_block` needs for ``num_groups`` groups (G + 1 offsets)."""
     return triton.next_power_of_2(num_groups + 1)
+
+
+@triton.jit
+def encode_e4m3_x4(v0, v1, v2, v3, EMULATE: tl.constexpr):
+    """RNE E4M3 codes of four fp32 tensors packed into one int32 (v0 in the low byte).
+
+    Natively two ``cvt.rn.satfinite.e4m3x2.f32`` and a 32-bit move: the packed word comes
+    straight from the conversion, with no 8-bit register shuffling.
+    """
+    if EMULATE:
+        return (
+            encode_e4m3(v0, EMULATE).to(tl.int32)
+            | (encode_e4m3(v1, EMULATE).to(tl.int32) << 8)
+            | (encode_e4m3(v2, EMULATE).to(tl.int32) << 16)
+            | (encode_e4m3(v3, EMULATE).to(tl.int32) << 24)
+        )
+    else:
+        # NaN of either sign -> +NaN, so the code is 0x7F.
+        v0 = tl.where(v0 != v0, float("nan"), v0)
+        v1 = tl.where(v1 != v1, float("nan"), v1)
+        v2 = tl.where(v2 != v2, float("nan"), v2)
+        v3 = tl.where(v3 != v3, float("nan"), v3)
+        return tl.inline_asm_elementwise(
+            """
+            {
+            .reg .b16 lo, hi;
+            cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;
+            cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;
+            mov.b32 $0, {lo, hi};
+            }
+            """,
+            "=r,f,f,f,f",
+            [v0, v1, v2, v3],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )

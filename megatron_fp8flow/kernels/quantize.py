@@ -86,17 +86,8 @@ def _quantize_grouped_kernel(
 
 
 @triton.jit
-def _code_bits(codes, EMULATE: tl.constexpr):
-    """E4M3 codes (fp8, or uint8 when EMULATE) as int32 bit patterns."""
-    if EMULATE:
-        return codes.to(tl.int32)
-    else:
-        return codes.to(tl.uint8, bitcast=True).to(tl.int32)
-
-
-@triton.jit
 def _quantize_grouped_bf16_words_kernel(
-    x32_ptr, q16_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
+    x32_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, stride_xw, num_kb, num_groups,
     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr,
     EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
@@ -104,7 +95,7 @@ def _quantize_grouped_bf16_words_kernel(
     """bf16 input, K even: read 32-bit words (2 elements of a row), transpose words, split halves.
 
     Each half-plane is in output orientation (row k = 2w + j, values along m), so no 16-bit
-    transpose is needed. The row-wise output (BLOCK_K == 128) is written as packed code pairs.
+    transpose is needed. The row-wise output needs BLOCK_K == 128.
     """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,8 +123,10 @@ def _quantize_grouped_bf16_words_kernel(
             s_row = scale_inv_from_amax(amax, POW2)
             c_lo = encode_e4m3(tl.where(fin_lo, divide_by_scale(lo, s_row[:, None], POW2), float("nan")), EMULATE)
             c_hi = encode_e4m3(tl.where(fin_hi, divide_by_scale(hi, s_row[:, None], POW2), float("nan")), EMULATE)
-            pair = (_code_bits(c_lo, EMULATE) | (_code_bits(c_hi, EMULATE) << 8)).to(tl.int16)
-            tl.store(q16_ptr + rows64[:, None] * K2 + w[None, :], pair, mask=mask)
+            # Two interleaved byte stores (bit-casting converted FP8 registers mis-packs them).
+            q_row = q_ptr + rows64[:, None] * K + 2 * w[None, :]
+            tl.store(q_row, c_lo, mask=mask)
+            tl.store(q_row + 1, c_hi, mask=mask)
             tl.store(s_ptr + rows * num_kb + kc, s_row, mask=row_ok & (kc * BLOCK_K < K))
         t = tl.trans(a)  # [WB, 128]
         for j in tl.static_range(2):
@@ -219,8 +212,7 @@ def quantize_grouped(
         x32 = x.view(torch.int32)
         grid = (groups.scale_rows_capacity, cdiv(cdiv(k, block_k), chunks))
         _quantize_grouped_bf16_words_kernel[grid](
-            x32, row_q.view(torch.int16) if write_rowwise else torch.empty(1, dtype=torch.int16, device=dev),
-            row_s, fp8_view(data_t, emulate), scale_t, *offsets,
+            x32, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
             m, k, x32.stride(0), num_kb, groups.num_groups,
             BLOCK_K=block_k, CHUNKS=chunks, **common,
         )

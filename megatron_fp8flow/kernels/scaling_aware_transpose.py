@@ -33,6 +33,7 @@ from .fp8_common import (
     is_finite,
     locate_block,
     needs_emulated_cast,
+    encode_e4m3_x4,
     reciprocal_pow2,
     scale_exponent_from_amax,
 )
@@ -96,6 +97,93 @@ def _sat_words_kernel(
 
 
 @triton.jit
+def _sat_plane_x4(q0, q1, q2, q3, s0, s1, s2, s3, ok0, ok1, ok2, ok3, WB: tl.constexpr,
+                  TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """Like _sat_plane for 4 interleaved row sets (row 4g + i in q_i [32, WB]): packed codes."""
+    x0 = q0 * s0[:, None]
+    x1 = q1 * s1[:, None]
+    x2 = q2 * s2[:, None]
+    x3 = q3 * s3[:, None]
+    f0 = is_finite(x0) & ok0[:, None]
+    f1 = is_finite(x1) & ok1[:, None]
+    f2 = is_finite(x2) & ok2[:, None]
+    f3 = is_finite(x3) & ok3[:, None]
+    if TILE_SCALE:
+        m01 = tl.maximum(tl.where(is_finite(s0) & ok0, s0, 0.0), tl.where(is_finite(s1) & ok1, s1, 0.0))
+        m23 = tl.maximum(tl.where(is_finite(s2) & ok2, s2, 0.0), tl.where(is_finite(s3) & ok3, s3, 0.0))
+        s_max = tl.max(tl.maximum(m01, m23), axis=0)
+        scale = tl.where(s_max > 0, s_max, 1.0) + tl.zeros([WB], dtype=tl.float32)
+    else:
+        a = tl.maximum(tl.maximum(tl.where(f0, tl.abs(x0), 0.0), tl.where(f1, tl.abs(x1), 0.0)),
+                       tl.maximum(tl.where(f2, tl.abs(x2), 0.0), tl.where(f3, tl.abs(x3), 0.0)))
+        scale = exp2_int(scale_exponent_from_amax(tl.max(a, axis=0)))
+    inv = reciprocal_pow2(scale)[None, :]
+    nan = float("nan")
+    word = encode_e4m3_x4(tl.where(f0, x0 * inv, nan), tl.where(f1, x1 * inv, nan),
+                          tl.where(f2, x2 * inv, nan), tl.where(f3, x3 * inv, nan), EMULATE)
+    return word, scale
+
+
+@triton.jit
+def _decode_byte(words, j: tl.constexpr, EMULATE: tl.constexpr):
+    byte = ((words >> (8 * j)) & 0xFF).to(tl.uint8)
+    if EMULATE:
+        return decode_e4m3(byte, EMULATE)
+    else:
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _sat_packed_kernel(
+    q32_ptr, s_ptr, qt32_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
+    M, K, num_kb, num_groups,
+    BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+):
+    """K % 4 == 0 and every group a multiple of 4 rows: 4x4 byte transposes in registers.
+
+    Rows are read as 4 interleaved sets (row 4g + i); for output row k = 4w + j, byte j of word
+    w of the 4 rows 4g..4g+3 forms one output word, so loads and stores are 32-bit and only a
+    32-bit tile transpose remains.
+    """
+    bid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    WB: tl.constexpr = BLOCK_K // 4
+    g = tl.arange(0, 32)
+    row0 = row_start + 4 * g  # first of each group of 4 rows
+    ok0 = 4 * g < nrows
+    ok1 = 4 * g + 1 < nrows
+    ok2 = 4 * g + 2 < nrows
+    ok3 = 4 * g + 3 < nrows
+    K4 = K // 4
+    w = pid_k * WB + tl.arange(0, WB)
+    w_ok = w < K4
+    s_base = s_ptr + row0.to(tl.int64) * num_kb + (pid_k * BLOCK_K) // 128
+    s0 = tl.load(s_base, mask=ok0, other=0.0)
+    s1 = tl.load(s_base + num_kb, mask=ok1, other=0.0)
+    s2 = tl.load(s_base + 2 * num_kb, mask=ok2, other=0.0)
+    s3 = tl.load(s_base + 3 * num_kb, mask=ok3, other=0.0)
+    base = q32_ptr + row0.to(tl.int64)[:, None] * K4 + w[None, :]
+    ld_mask = ok0[:, None] & w_ok[None, :]  # groups are multiples of 4 rows
+    a0 = tl.load(base, mask=ld_mask, other=0)
+    a1 = tl.load(base + K4, mask=ld_mask, other=0)
+    a2 = tl.load(base + 2 * K4, mask=ld_mask, other=0)
+    a3 = tl.load(base + 3 * K4, mask=ld_mask, other=0)
+    M4 = M // 4
+    out_g = row_start // 4 + g
+    for j in tl.static_range(4):
+        word, scale = _sat_plane_x4(
+            _decode_byte(a0, j, EMULATE), _decode_byte(a1, j, EMULATE),
+            _decode_byte(a2, j, EMULATE), _decode_byte(a3, j, EMULATE),
+            s0, s1, s2, s3, ok0, ok1, ok2, ok3, WB, TILE_SCALE, EMULATE,
+        )
+        k = pid_k * BLOCK_K + 4 * tl.arange(0, WB) + j
+        tl.store(qt32_ptr + k.to(tl.int64)[:, None] * M4 + out_g[None, :], tl.trans(word),
+                 mask=w_ok[:, None] & ok0[None, :])
+        tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=w_ok & (nrows > 0))
+
+
+@triton.jit
 def _sat_bytes_kernel(
     q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, num_kb, num_groups,
@@ -128,12 +216,14 @@ def scaling_aware_transpose(
     block_k: int = 64,
     chunks: int = 2,
     num_warps: int = 4,
+    packed=None,
 ):
     """Row-wise FP8 [M, K] -> column-wise FP8 (data [K, M], scale_inv [blocks, K]).
 
     ``scale_inv`` must hold power-of-two scales (the caller checks the tensor's flag).
     With device-side group sizes the output scale tensor has ``groups.scale_rows_capacity``
-    rows and rows past the real block count are zero. K % 4 == 0 takes the word kernel.
+    rows and rows past the real block count are zero. K % 4 == 0 takes a word kernel, the packed one
+    when every group is a multiple of 4 rows (``groups.row_alignment``).
     """
     if block_k not in (32, 64, 128):
         raise ValueError(f"block_k must be 32, 64 or 128, got {block_k}")
@@ -148,7 +238,15 @@ def scaling_aware_transpose(
     emulate = needs_emulated_cast(dev)
     common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps)
     offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, num_kb, groups.num_groups)
-    if k % 4 == 0 and data.is_contiguous():
+    if packed is None:
+        packed = k % 4 == 0 and m % 4 == 0 and groups.row_alignment % 4 == 0 and data.is_contiguous()
+    if packed:
+        grid = (groups.scale_rows_capacity, cdiv(k, block_k))
+        _sat_packed_kernel[grid](
+            data.view(torch.int32), scale_inv, data_t.view(torch.int32), scale_t, *offsets,
+            BLOCK_K=block_k, **common,
+        )
+    elif k % 4 == 0 and data.is_contiguous():
         grid = (groups.scale_rows_capacity, cdiv(cdiv(k, block_k), chunks))
         _sat_words_kernel[grid](
             data.view(torch.int32), scale_inv, fp8_view(data_t, emulate), scale_t, *offsets,
