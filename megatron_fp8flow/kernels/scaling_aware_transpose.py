@@ -214,8 +214,8 @@ def scaling_aware_transpose(
     groups: GroupSplits,
     tile_scale: bool = False,
     block_k: int = 64,
-    chunks: int = 2,
-    num_warps: int = 4,
+    chunks: int = 1,
+    num_warps: int = None,
     packed=None,
 ):
     """Row-wise FP8 [M, K] -> column-wise FP8 (data [K, M], scale_inv [blocks, K]).
@@ -236,10 +236,12 @@ def scaling_aware_transpose(
     if not (m and k and groups.scale_rows_capacity):
         return data_t, scale_t
     emulate = needs_emulated_cast(dev)
-    common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps)
-    offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, num_kb, groups.num_groups)
     if packed is None:
         packed = k % 4 == 0 and m % 4 == 0 and groups.row_alignment % 4 == 0 and data.is_contiguous()
+    if num_warps is None:
+        num_warps = 2 if packed else 4  # fastest measured on the H200 (BENCHMARKS.md sweep)
+    common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps)
+    offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, num_kb, groups.num_groups)
     if packed:
         grid = (groups.scale_rows_capacity, cdiv(k, block_k))
         _sat_packed_kernel[grid](
