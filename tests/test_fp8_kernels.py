@@ -86,9 +86,12 @@ def _sat_expected(q: fp8.BlockwiseFP8Tensor, splits, variant):
     return fp8.scaling_aware_transpose(qc, splits, "tile", backend="reference")
 
 
-@pytest.mark.parametrize("k, splits", GROUPED_CASES)
+# K = 9216 is slow under the interpreter: one input family there, all three elsewhere.
+SAT_CASES = [(k, s, kind) for k, s in GROUPED_CASES for kind in ("heavy", "wide", "tiny") if k < 9216 or kind == "heavy"]
+
+
+@pytest.mark.parametrize("k, splits, kind", SAT_CASES)
 @pytest.mark.parametrize("variant", ["column", "tile"])
-@pytest.mark.parametrize("kind", ["heavy", "wide", "tiny"])
 def test_sat_bit_identical(device, cast_path, k, splits, variant, kind):
     x = make_activations(sum(splits), k, kind=kind, seed=k + len(splits))
     q = fp8.quantize(x.to(device), backend="triton")

@@ -6,7 +6,8 @@ way a router spreads tokens, times in one process, with device events after warm
 
 * ``sat``: our SAT (column variant; tile variant alongside);
 * ``dq+rowcol``: the paper's baseline built from our own fastest kernels: dequantize to bf16,
-  then the fused row-wise + column-wise quantize (one read);
+  then row-wise + column-wise quantize (``quantize_grouped(write_rowwise=True)``, which picks
+  the fastest kernels for it);
 * ``dq+col``: dequantize then column-wise quantize only (a stricter baseline);
 * ``copy``: a device-to-device copy moving the same number of bytes as SAT;
 * ``rowwise quantize`` of a bf16 [M, K] tensor, and a copy of the same bytes.

@@ -98,7 +98,7 @@ def quantize_row_and_col(
     pow2_scales: bool = True,
     backend: Backend = "auto",
 ):
-    """Row-wise and grouped column-wise quantization of ``x`` in one pass over it.
+    """Row-wise and grouped column-wise quantization of ``x`` (one call, fastest kernels).
 
     Returns ``(rowwise, colwise)``, each identical to what :func:`quantize` gives for that
     layout (the independent, TE-style quantization of both GEMM operands).

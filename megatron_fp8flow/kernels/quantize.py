@@ -1,4 +1,4 @@
-"""Activation quantization kernels: row-wise 1x128, and row-wise + grouped column-wise in one pass.
+"""Activation quantization kernels: row-wise 1x128, and grouped column-wise (optionally with row-wise).
 
 References: ``fp8.reference.quantize_rowwise`` / ``quantize_colwise``.
 """
@@ -173,7 +173,12 @@ def quantize_grouped(
     x: torch.Tensor, groups: GroupSplits, pow2_scales: bool = True, write_rowwise: bool = True,
     block_k: int = 128, chunks: int = 1, num_warps: int = 4,
 ):
-    """Column-wise (per group) and optionally row-wise quantization in one read of ``x``.
+    """Column-wise (per group) and optionally row-wise quantization of ``x``.
+
+    fp32/fp16 inputs (and bf16 with odd K) take one fused pass over ``x``. bf16 inputs with
+    even K take the word kernel for the column-wise half and, when asked for, the row-wise
+    kernel for the other half: two reads of ``x`` that measured faster on the H200 than the
+    fused pass (see BENCHMARKS.md).
 
     Returns (row data, row scale_inv, col data [K, M], col scale_inv [blocks, K]); the row-wise
     pair is None when ``write_rowwise`` is False. With device-side group sizes the column-wise
