@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.format import BLOCK, cdiv
-from .fp8_common import decode_e4m3, fp8_view, needs_emulated_cast
+from .fp8_common import decode_e4m3, fp8_view, needs_emulated_cast, to_output_dtype
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def _dequantize_rowwise_kernel(
     offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
     q = decode_e4m3(tl.load(q_ptr + offs, mask=mask), EMULATE)
     s = tl.load(s_ptr + rows * num_kb + pid_k, mask=row_ok, other=0.0)
-    tl.store(out_ptr + offs, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_output_dtype(q * s[:, None], out_ptr.dtype.element_ty, EMULATE), mask=mask)
 
 
 def dequantize_rowwise(

@@ -202,3 +202,18 @@ def encode_e4m3_x4(v0, v1, v2, v3, EMULATE: tl.constexpr):
             is_pure=True,
             pack=1,
         )
+
+
+@triton.jit
+def to_output_dtype(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 -> ``dtype`` with round-to-nearest-even.
+
+    The Triton interpreter truncates fp32 -> bf16; with EMULATE the rounding to the bf16 grid is
+    done on the bits first, so the conversion itself is exact. On the GPU the conversion is RNE.
+    """
+    if EMULATE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            x = tl.where(x != x, x, rounded)
+    return x.to(dtype)
