@@ -39,6 +39,10 @@ def _cmd_bench(args) -> int:
     if args.which == "sat":
         result = sat_quantize.run(ep=args.ep, out_dir=args.out, sweep=args.sweep)
         print(sat_quantize.render(result))
+    elif args.which == "moe":
+        from .benchmarks import moe_ops
+
+        print(moe_ops.render(moe_ops.run(out_dir=args.out)))
     return 0
 
 
@@ -55,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_cmd_numerics)
 
     b = sub.add_parser("bench", help="GPU benchmarks (CUDA required)")
-    b.add_argument("which", choices=["sat"], help="sat: scaling-aware transpose and row-wise quantize")
+    b.add_argument(
+        "which", choices=["sat", "moe"],
+        help="sat: scaling-aware transpose and row-wise quantize; moe: permute/unpermute/SwiGLU kernels",
+    )
     b.add_argument("--ep", type=int, default=8, help="expert parallel size: local experts = experts / EP")
     b.add_argument("--out", help="directory for the JSON results")
     b.add_argument("--sweep", action="store_true", help="also time kernel launch configurations")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the whole test suite natively, then the SAT/quantize benchmark.
+# On a CUDA machine: the whole test suite natively, then the SAT/quantize and MoE-operator benchmarks.
 # Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (logs and JSON results go to OUTPUT_DIR)
 set -uo pipefail
 out=${1:-gpu_results}
@@ -11,5 +11,7 @@ python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.log" 
 test_rc=${PIPESTATUS[0]}
 python3 -m megatron_fp8flow.cli bench sat --out "$out" "${@:2}" 2>&1 | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
+python3 -m megatron_fp8flow.cli bench moe --out "$out" 2>&1 | tee "$out/bench_moe.log"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "pytest rc=$test_rc bench rc=$bench_rc"
 exit $(( test_rc || bench_rc ))

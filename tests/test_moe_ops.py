@@ -208,3 +208,39 @@ def test_swiglu_nan_and_errors(device):
         ops.weighted_swiglu_quant(torch.randn(4, 200, device=device).bfloat16(), w.to(device))
     with pytest.raises(ValueError, match=r"w must be \[M\]"):
         ops.weighted_swiglu_quant(x.to(device), torch.rand(3, device=device))
+
+
+def test_swiglu_unquantized_baseline_kernels(device):
+    """The baseline's plain fused SwiGLU (bf16 out) and its backward (bf16 dx)."""
+    from megatron_fp8flow.kernels.swiglu_quant import swiglu_quant_backward, swiglu_quant_forward
+
+    x, w, grad = _swiglu_inputs(40, 256, seed=4)
+    d, s, y = swiglu_quant_forward(x.to(device), w.to(device), y_dtype=torch.float32, quantize=False)
+    assert d is None and s is None
+    exp_y = R.weighted_swiglu(x, w)
+    assert ((y.cpu() - exp_y).abs() <= 2.0**-20 * exp_y.abs() + 1e-30).all()
+    dx, none, dw = swiglu_quant_backward(grad.to(device), x.to(device), w.to(device), dx_dtype=torch.float32)
+    assert none is None
+    d_gate, d_up, exp_dw = R.weighted_swiglu_backward(grad, x, w)
+    exp_dx = torch.cat([d_gate, d_up], 1)
+    assert ((dx.cpu() - exp_dx).abs() <= 2.0**-19 * exp_dx.abs() + 1e-30).all()
+    _, q_dw = ops.weighted_swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
+    assert_bits_equal(dw.cpu(), q_dw.cpu(), "dw identical in both modes")
+    dx16, _, _ = swiglu_quant_backward(grad.to(device), x.to(device), w.to(device), dx_dtype=torch.bfloat16)
+    assert_bits_equal(dx16.cpu(), dx.cpu().bfloat16(), "bf16 dx = RNE of fp32 dx")
+
+
+def test_moe_benchmark_pipelines_run_and_agree(device, monkeypatch):
+    """The benchmark's fused and unfused pipelines (timing stubbed) on small shapes.
+
+    Its built-in check raises if fused and baseline data movement differ in any bit.
+    """
+    from megatron_fp8flow.benchmarks import moe_ops
+
+    monkeypatch.setattr(moe_ops, "TOKENS", 48)
+    monkeypatch.setattr(moe_ops, "_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(moe_ops, "_copy_ms", lambda nbytes, dev: 1.0)
+    result = moe_ops.run(device=device, permute_shapes=[(6, 256, 2)], swiglu_shapes=[(256, 6, 2, 128)])
+    names = {(r["op"], r["direction"]) for r in result["rows"]}
+    assert ("permute+pad fp8", "forward") in names and ("swiglu+quant", "backward") in names
+    assert "| permute+pad bf16 |" in moe_ops.render(result)

@@ -47,7 +47,8 @@ def _sigmoid(a):
 @triton.jit
 def _swiglu_fwd_kernel(
     x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, M, F, stride_x, num_sb,
-    BLOCK_M: tl.constexpr, WRITE_Y: tl.constexpr, EMULATE: tl.constexpr, EXACT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, QUANTIZE: tl.constexpr, WRITE_Y: tl.constexpr, EMULATE: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -60,15 +61,17 @@ def _swiglu_fwd_kernel(
     b = tl.load(x_ptr + r64 * stride_x + F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = (a * _sigmoid(a)) * b * w[:, None]
-    _quantize_block_rows(y, q_ptr + r64 * F + cols[None, :], s_ptr + rows * num_sb + pid_f, mask, row_ok, EMULATE)
+    if QUANTIZE:
+        _quantize_block_rows(y, q_ptr + r64 * F + cols[None, :], s_ptr + rows * num_sb + pid_f, mask, row_ok, EMULATE)
     if WRITE_Y:
         tl.store(y_ptr + r64 * F + cols[None, :], to_output_dtype(y, y_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, q_ptr, s_ptr, dw_ptr, M, F, stride_g, stride_x, num_sb,
-    NUM_FB: tl.constexpr, BLOCK_M: tl.constexpr, EMULATE: tl.constexpr,
+    g_ptr, x_ptr, w_ptr, q_ptr, s_ptr, dx_ptr, dw_ptr, M, F, stride_g, stride_x, num_sb,
+    NUM_FB: tl.constexpr, BLOCK_M: tl.constexpr, QUANTIZE: tl.constexpr, EMULATE: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,9 +93,15 @@ def _swiglu_bwd_kernel(
         d_gate = gw * b * (sig * (1.0 + a * (1.0 - sig)))
         d_up = gw * silu
         dw += tl.sum(g * silu * b, axis=1)
-        _quantize_block_rows(d_gate, q_ptr + r64 * two_f + cols[None, :], s_ptr + rows * num_sb + fb, mask, row_ok, EMULATE)
-        _quantize_block_rows(d_up, q_ptr + r64 * two_f + F + cols[None, :], s_ptr + rows * num_sb + NUM_FB + fb,
-                             mask, row_ok, EMULATE)
+        if QUANTIZE:
+            _quantize_block_rows(d_gate, q_ptr + r64 * two_f + cols[None, :], s_ptr + rows * num_sb + fb,
+                                 mask, row_ok, EMULATE)
+            _quantize_block_rows(d_up, q_ptr + r64 * two_f + F + cols[None, :],
+                                 s_ptr + rows * num_sb + NUM_FB + fb, mask, row_ok, EMULATE)
+        else:
+            out_t = dx_ptr.dtype.element_ty
+            tl.store(dx_ptr + r64 * two_f + cols[None, :], to_output_dtype(d_gate, out_t, EXACT_BF16), mask=mask)
+            tl.store(dx_ptr + r64 * two_f + F + cols[None, :], to_output_dtype(d_up, out_t, EXACT_BF16), mask=mask)
     tl.store(dw_ptr + rows, dw, mask=row_ok)
 
 
@@ -109,40 +118,62 @@ def _check(x: torch.Tensor, w: torch.Tensor):
     return f
 
 
-def swiglu_quant_forward(x: torch.Tensor, w: torch.Tensor, y_dtype=None, block_m: int = 16, num_warps: int = 4):
-    """Returns (data [M, F] e4m3, scale_inv [M, F/128] fp32, y [M, F] in ``y_dtype`` or None)."""
+def swiglu_quant_forward(
+    x: torch.Tensor, w: torch.Tensor, y_dtype=None, quantize: bool = True, block_m: int = 16, num_warps: int = 4
+):
+    """Returns (data [M, F] e4m3, scale_inv [M, F/128] fp32, y [M, F] in ``y_dtype`` or None).
+
+    ``quantize=False`` (with ``y_dtype``) is the plain fused SwiGLU of the baseline: data and
+    scale_inv are then None.
+    """
     f = _check(x, w)
+    if not quantize and y_dtype is None:
+        raise ValueError("quantize=False needs y_dtype: the kernel would produce nothing")
     m = x.shape[0]
     dev = x.device
-    data = torch.empty(m, f, dtype=FP8_DTYPE, device=dev)
-    scale_inv = torch.empty(m, f // 128, dtype=torch.float32, device=dev)
+    data = torch.empty(m, f, dtype=FP8_DTYPE, device=dev) if quantize else None
+    scale_inv = torch.empty(m, f // 128, dtype=torch.float32, device=dev) if quantize else None
     y = None if y_dtype is None else torch.empty(m, f, dtype=y_dtype, device=dev)
     if m:
         emulate = needs_emulated_cast(dev)
+        dummy = y if y is not None else scale_inv
         _swiglu_fwd_kernel[(triton.cdiv(m, block_m), f // 128)](
-            x, w.contiguous(), fp8_view(data, emulate), scale_inv, y if y is not None else scale_inv,
+            x, w.contiguous(), fp8_view(data, emulate) if quantize else dummy,
+            scale_inv if quantize else dummy, y if y is not None else dummy,
             m, f, x.stride(0), f // 128,
-            BLOCK_M=block_m, WRITE_Y=y is not None, EMULATE=emulate, EXACT_BF16=interpreter_active(),
-            num_warps=num_warps,
+            BLOCK_M=block_m, QUANTIZE=quantize, WRITE_Y=y is not None, EMULATE=emulate,
+            EXACT_BF16=interpreter_active(), num_warps=num_warps,
         )
     return data, scale_inv, y
 
 
-def swiglu_quant_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, block_m: int = 16, num_warps: int = 4):
-    """Returns (data [M, 2F] e4m3 = [d_gate | d_up], scale_inv [M, 2F/128], dw [M] fp32)."""
+def swiglu_quant_backward(
+    g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx_dtype=None, block_m: int = 16, num_warps: int = 4
+):
+    """Returns (data [M, 2F] e4m3 = [d_gate | d_up], scale_inv [M, 2F/128], dw [M] fp32).
+
+    With ``dx_dtype`` (the baseline) the gradient is written unquantized in that dtype instead:
+    returns (dx [M, 2F], None, dw).
+    """
     f = _check(x, w)
     m = x.shape[0]
     if g.shape != (m, f) or g.stride(1) != 1:
         raise ValueError(f"grad must be [M, F] = [{m}, {f}] with unit last stride, got {tuple(g.shape)}")
     dev = x.device
-    data = torch.empty(m, 2 * f, dtype=FP8_DTYPE, device=dev)
-    scale_inv = torch.empty(m, 2 * f // 128, dtype=torch.float32, device=dev)
+    quantize = dx_dtype is None
+    if quantize:
+        data = torch.empty(m, 2 * f, dtype=FP8_DTYPE, device=dev)
+        scale_inv = torch.empty(m, 2 * f // 128, dtype=torch.float32, device=dev)
+    else:
+        data, scale_inv = torch.empty(m, 2 * f, dtype=dx_dtype, device=dev), None
     dw = torch.empty(m, dtype=torch.float32, device=dev)
     if m:
         emulate = needs_emulated_cast(dev)
         _swiglu_bwd_kernel[(triton.cdiv(m, block_m),)](
-            g, x, w.contiguous(), fp8_view(data, emulate), scale_inv, dw,
+            g, x, w.contiguous(), fp8_view(data, emulate) if quantize else dw,
+            scale_inv if quantize else dw, dw if quantize else data, dw,
             m, f, g.stride(0), x.stride(0), 2 * f // 128,
-            NUM_FB=f // 128, BLOCK_M=block_m, EMULATE=emulate, num_warps=num_warps,
+            NUM_FB=f // 128, BLOCK_M=block_m, QUANTIZE=quantize, EMULATE=emulate,
+            EXACT_BF16=interpreter_active(), num_warps=num_warps,
         )
     return data, scale_inv, dw
