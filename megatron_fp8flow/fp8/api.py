@@ -64,7 +64,8 @@ def quantize(
             block is partial) or ``"colwise"`` (1x128 blocks along M, restarting at every group
             of ``m_splits``; data stored transposed [K, M]).
         m_splits: group (expert) row counts for ``colwise``; zeros allowed. A list gives exact
-            output shapes; a device tensor avoids any host sync (see :class:`GroupSplits`).
+            output shapes; a device tensor avoids any host sync (see :class:`GroupSplits`); a
+            :class:`GroupSplits` (e.g. ``Permutation.group_splits()``) is used as is.
         pow2_scales: power-of-two scales ``2^ceil(log2(amax/448))`` (exact, default) or fp32
             scales ``amax/448``.
 

@@ -34,7 +34,7 @@ ZERO_BLOCK_SCALE = 1.0
 # The single NaN code produced for any non-finite input (E4M3FN has no infinity).
 NAN_CODE = 0x7F
 
-SplitsLike = Union[Sequence[int], torch.Tensor]
+SplitsLike = Union[Sequence[int], torch.Tensor, "GroupSplits"]
 
 
 class Layout(str, enum.Enum):
@@ -94,6 +94,10 @@ class GroupSplits:
         cls, m_splits: SplitsLike, num_rows: int, device: torch.device, row_alignment: int = 1
     ) -> "GroupSplits":
         """Group metadata; ``row_alignment`` declares that device-side sizes are multiples of it."""
+        if isinstance(m_splits, GroupSplits):
+            if m_splits.num_rows != num_rows:
+                raise ValueError(f"GroupSplits covers {m_splits.num_rows} rows but the tensor has {num_rows}")
+            return m_splits
         if isinstance(m_splits, torch.Tensor):
             if m_splits.dim() != 1 or m_splits.dtype.is_floating_point or m_splits.dtype == torch.bool:
                 raise ValueError(

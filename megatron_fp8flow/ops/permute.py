@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..fp8.format import BlockwiseFP8Tensor, Layout
+from ..fp8.format import BlockwiseFP8Tensor, GroupSplits, Layout
 
 SUPPORTED_ALIGNMENTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -45,6 +45,16 @@ class Permutation:
     def num_experts(self) -> int:
         return self.counts.numel()
 
+    def group_splits(self) -> GroupSplits:
+        """The padded expert groups, for the column-wise FP8 kernels (SAT, grouped quantize).
+
+        Host sizes when the counts were given on the host; otherwise device sizes (no sync),
+        declared aligned to ``align`` so the kernels may use their widest accesses.
+        """
+        if self.padded_sizes_host is not None:
+            return GroupSplits.build(self.padded_sizes_host, sum(self.padded_sizes_host), self.row_map.device)
+        return GroupSplits.build(self.padded_sizes, self.num_out_rows, self.row_map.device, row_alignment=self.align)
+
 
 def plan_permutation(
     routing_map: torch.Tensor,
@@ -55,7 +65,8 @@ def plan_permutation(
 ) -> Permutation:
     """Device-side offsets and row map for a multi-hot ``routing_map`` [N, E] (bool).
 
-    Rows with more than ``topk`` experts are rejected by a device-side assert (no sync).
+    A token routed to more than ``topk`` experts is rejected: with a clear error on CPU, by a
+    device-side assert on the GPU (no sync).
     """
     if routing_map.dtype != torch.bool or routing_map.dim() != 2:
         raise ValueError(
@@ -69,7 +80,12 @@ def plan_permutation(
     n, e = routing_map.shape
     dev = routing_map.device
     rm = routing_map.to(torch.int32)
-    torch._assert_async(rm.sum(1).max() <= topk if n else torch.tensor(True, device=dev))
+    if n:
+        per_token = rm.sum(1).max()
+        if dev.type == "cuda":
+            torch._assert_async(per_token <= topk)  # no host sync on the GPU
+        elif int(per_token) > topk:
+            raise ValueError(f"routing_map routes a token to {int(per_token)} experts, more than topk = {topk}")
     counts = rm.sum(0, dtype=torch.int32)
     host_padded = None
     if tokens_per_expert is not None and not isinstance(tokens_per_expert, torch.Tensor):
