@@ -217,3 +217,19 @@ def to_output_dtype(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
             rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
             x = tl.where(x != x, x, rounded)
     return x.to(dtype)
+
+
+@triton.jit
+def quantize_tile(x, AXIS: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr):
+    """Block quantization of an fp32 tile: one scale per row (AXIS=1) or per column (AXIS=0).
+
+    Returns (codes, scale_inv) with the semantics of ``fp8.reference.quantize_blocks``: amax over
+    finite elements, non-finite inputs -> NaN code.
+    """
+    finite = is_finite(x)
+    s = scale_inv_from_amax(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=AXIS), POW2)
+    if AXIS == 1:
+        v = divide_by_scale(x, s[:, None], POW2)
+    else:
+        v = divide_by_scale(x, s[None, :], POW2)
+    return encode_e4m3(tl.where(finite, v, float("nan")), EMULATE), s

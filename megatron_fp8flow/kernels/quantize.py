@@ -10,16 +10,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv
-from .fp8_common import (
-    divide_by_scale,
-    encode_e4m3,
-    fp8_view,
-    is_finite,
-    locate_block,
-    needs_emulated_cast,
-    scale_inv_from_amax,
-    groups_p2,
-)
+from .fp8_common import fp8_view, groups_p2, locate_block, needs_emulated_cast, quantize_tile
 
 
 @triton.jit
@@ -35,11 +26,8 @@ def _quantize_rowwise_kernel(
     mask = row_ok[:, None] & (cols[None, :] < K)
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    finite = is_finite(x)
-    amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
-    s = scale_inv_from_amax(amax, POW2)
-    v = tl.where(finite, divide_by_scale(x, s[:, None], POW2), float("nan"))
-    tl.store(q_ptr + rows64 * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
+    q, s = quantize_tile(x, 1, POW2, EMULATE)
+    tl.store(q_ptr + rows64 * K + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows * num_kb + pid_k, s, mask=row_ok)
 
 
@@ -69,33 +57,27 @@ def _quantize_grouped_kernel(
     x_raw = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0)
 
     if WRITE_ROWWISE:  # BLOCK_K == 128: one row-wise block per row
-        x = x_raw.to(tl.float32)
-        finite = is_finite(x)
-        s_row = scale_inv_from_amax(tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1), POW2)
-        v_row = tl.where(finite, divide_by_scale(x, s_row[:, None], POW2), float("nan"))
-        tl.store(q_ptr + rows64 * K + cols[None, :], encode_e4m3(v_row, EMULATE), mask=mask)
+        q_row, s_row = quantize_tile(x_raw.to(tl.float32), 1, POW2, EMULATE)
+        tl.store(q_ptr + rows64 * K + cols[None, :], q_row, mask=mask)
         tl.store(s_ptr + rows * num_kb + pid_k, s_row, mask=row_ok)
 
-    xt = tl.trans(x_raw).to(tl.float32)  # [BLOCK_K, 128]
-    finite_t = is_finite(xt)
-    s_col = scale_inv_from_amax(tl.max(tl.where(finite_t, tl.abs(xt), 0.0), axis=1), POW2)
-    v_col = tl.where(finite_t, divide_by_scale(xt, s_col[:, None], POW2), float("nan"))
-    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], encode_e4m3(v_col, EMULATE),
+    # Output orientation [BLOCK_K, 128]; masked-off rows were loaded as 0 and do not count.
+    q_col, s_col = quantize_tile(tl.trans(x_raw).to(tl.float32), 1, POW2, EMULATE)
+    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], q_col,
              mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
 
 
 @triton.jit
-def _quantize_grouped_bf16_words_kernel(
-    x32_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
-    M, K, stride_xw, num_kb, num_groups,
-    BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr,
+def _quantize_colwise_bf16_words_kernel(
+    x32_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
+    M, K, stride_xw, num_groups,
+    BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, POW2: tl.constexpr,
     EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
 ):
-    """bf16 input, K even: read 32-bit words (2 elements of a row), transpose words, split halves.
-
-    Each half-plane is in output orientation (row k = 2w + j, values along m), so no 16-bit
-    transpose is needed. The row-wise output needs BLOCK_K == 128.
+    """Column-wise only, bf16 input, K even: read 32-bit words (2 elements of a row), transpose
+    words, split the halves. Each half-plane is in output orientation (row k = 2w + j, values
+    along m), so no 16-bit transpose is needed.
     """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -111,34 +93,16 @@ def _quantize_grouped_bf16_words_kernel(
         kc = pid_k * CHUNKS + c
         w = kc * WB + wl
         w_ok = w < K2
-        mask = row_ok[:, None] & w_ok[None, :]
-        a = tl.load(x32_ptr + rows64[:, None] * stride_xw + w[None, :], mask=mask, other=0)
-        if WRITE_ROWWISE:
-            lo = (a << 16).to(tl.float32, bitcast=True)
-            hi = (a & -65536).to(tl.float32, bitcast=True)
-            fin_lo = is_finite(lo)
-            fin_hi = is_finite(hi)
-            amax = tl.maximum(tl.max(tl.where(fin_lo, tl.abs(lo), 0.0), axis=1),
-                              tl.max(tl.where(fin_hi, tl.abs(hi), 0.0), axis=1))
-            s_row = scale_inv_from_amax(amax, POW2)
-            c_lo = encode_e4m3(tl.where(fin_lo, divide_by_scale(lo, s_row[:, None], POW2), float("nan")), EMULATE)
-            c_hi = encode_e4m3(tl.where(fin_hi, divide_by_scale(hi, s_row[:, None], POW2), float("nan")), EMULATE)
-            # Two interleaved byte stores (bit-casting converted FP8 registers mis-packs them).
-            q_row = q_ptr + rows64[:, None] * K + 2 * w[None, :]
-            tl.store(q_row, c_lo, mask=mask)
-            tl.store(q_row + 1, c_hi, mask=mask)
-            tl.store(s_ptr + rows * num_kb + kc, s_row, mask=row_ok & (kc * BLOCK_K < K))
-        t = tl.trans(a)  # [WB, 128]
+        a = tl.load(x32_ptr + rows64[:, None] * stride_xw + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0)
+        t = tl.trans(a)  # [WB, 128]; masked-off rows were loaded as 0 and do not count
         for j in tl.static_range(2):
             if j == 0:
                 x = (t << 16).to(tl.float32, bitcast=True)
             else:
                 x = (t & -65536).to(tl.float32, bitcast=True)
-            finite = is_finite(x)
-            s_col = scale_inv_from_amax(tl.max(tl.where(finite & row_ok[None, :], tl.abs(x), 0.0), axis=1), POW2)
-            v = tl.where(finite, divide_by_scale(x, s_col[:, None], POW2), float("nan"))
+            q_col, s_col = quantize_tile(x, 1, POW2, EMULATE)
             k = kc * BLOCK_K + 2 * wl + j
-            tl.store(qt_ptr + k.to(tl.int64)[:, None] * M + rows[None, :], encode_e4m3(v, EMULATE),
+            tl.store(qt_ptr + k.to(tl.int64)[:, None] * M + rows[None, :], q_col,
                      mask=w_ok[:, None] & row_ok[None, :])
             tl.store(st_ptr + bid.to(tl.int64) * K + k, s_col, mask=w_ok & (nrows > 0))
 
@@ -200,39 +164,34 @@ def quantize_grouped(
     if not (m and k and groups.scale_rows_capacity):
         return data, scale, data_t, scale_t
     emulate = needs_emulated_cast(dev)
-    common = dict(
-        WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
-        GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps,
-    )
-    if write_rowwise:
-        block_k = 128  # the row-wise scale spans 128 columns
-    row_q = data if write_rowwise else data_t  # never written when WRITE_ROWWISE is False
-    row_s = scale if write_rowwise else scale_t
     offsets = (groups.scale_row_offsets, groups.row_offsets)
+    gp2 = groups_p2(groups.num_groups)
     words_ok = (
         x.dtype == torch.bfloat16 and k % 2 == 0 and x.stride(0) % 2 == 0
         and x.storage_offset() % 2 == 0 and x.data_ptr() % 4 == 0
     )
-    if words_ok and write_rowwise:
-        # Measured on the H200: the row-wise kernel plus the column-wise word kernel (two reads of
-        # x) beat one fused pass, whose row-wise half has to store codes byte by byte.
-        data, scale = quantize_rowwise(x, pow2_scales)
-        _, _, data_t, scale_t = quantize_grouped(x, groups, pow2_scales, False, block_k, chunks, num_warps)
-        return data, scale, data_t, scale_t
     if words_ok:
+        if write_rowwise:
+            # Measured on the H200: the row-wise kernel plus the column-wise word kernel (two
+            # reads of x) beat one fused pass over x (BENCHMARKS.md).
+            data, scale = quantize_rowwise(x, pow2_scales)
         x32 = x.view(torch.int32)
         grid = (groups.scale_rows_capacity, cdiv(cdiv(k, block_k), chunks))
-        _quantize_grouped_bf16_words_kernel[grid](
-            x32, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
-            m, k, x32.stride(0), num_kb, groups.num_groups,
-            BLOCK_K=block_k, CHUNKS=chunks, **common,
+        _quantize_colwise_bf16_words_kernel[grid](
+            x32, fp8_view(data_t, emulate), scale_t, *offsets, m, k, x32.stride(0), groups.num_groups,
+            BLOCK_K=block_k, CHUNKS=chunks, POW2=pow2_scales, EMULATE=emulate, GROUPS_P2=gp2,
+            num_warps=num_warps,
         )
-    else:
-        grid = (groups.scale_rows_capacity, cdiv(k, block_k))
-        _quantize_grouped_kernel[grid](
-            x, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
-            m, k, x.stride(0), num_kb, groups.num_groups,
-            BLOCK_K=block_k, **common,
-        )
+        return data, scale, data_t, scale_t
+    if write_rowwise:
+        block_k = 128  # the row-wise scale spans 128 columns
+    row_q = data if write_rowwise else data_t  # never written when WRITE_ROWWISE is False
+    row_s = scale if write_rowwise else scale_t
+    grid = (groups.scale_rows_capacity, cdiv(k, block_k))
+    _quantize_grouped_kernel[grid](
+        x, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
+        m, k, x.stride(0), num_kb, groups.num_groups,
+        BLOCK_K=block_k, WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
+        GROUPS_P2=gp2, num_warps=num_warps,
+    )
     return data, scale, data_t, scale_t
-

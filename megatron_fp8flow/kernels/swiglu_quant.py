@@ -17,25 +17,14 @@ import triton
 import triton.language as tl
 
 from ..fp8.format import FP8_DTYPE
-from .fp8_common import (
-    divide_by_scale,
-    encode_e4m3,
-    fp8_view,
-    interpreter_active,
-    is_finite,
-    needs_emulated_cast,
-    scale_inv_from_amax,
-    to_output_dtype,
-)
+from .fp8_common import fp8_view, interpreter_active, needs_emulated_cast, quantize_tile, to_output_dtype
 
 
 @triton.jit
 def _quantize_block_rows(v, q_ptrs, s_ptrs, mask, row_ok, EMULATE: tl.constexpr):
     """1x128 pow2 quantization of a [BLOCK_M, 128] fp32 tile (one scale per row) and stores."""
-    finite = is_finite(v)
-    s = scale_inv_from_amax(tl.max(tl.where(finite, tl.abs(v), 0.0), axis=1), True)
-    q = tl.where(finite, divide_by_scale(v, s[:, None], True), float("nan"))
-    tl.store(q_ptrs, encode_e4m3(q, EMULATE), mask=mask)
+    q, s = quantize_tile(v, 1, True, EMULATE)
+    tl.store(q_ptrs, q, mask=mask)
     tl.store(s_ptrs, s, mask=row_ok)
 
 
