@@ -1,0 +1,156 @@
+"""Blockwise FP8 grouped GEMMs for the expert MLP: one product per expert group.
+
+* ``grouped_rowwise_gemm``: ``out[g] = DQ(a[g]) @ DQ(w[g])^T`` with ``a`` row-wise 1x128 [M, K]
+  and ``w[g]`` a 128x128 weight [N, K]. fprop uses the weights, dgrad their exact transposed
+  copies (``w.t()``).
+* ``grouped_wgrad``: ``dW[g] = DQ(dy[g])^T @ DQ(x[g])`` with both operands column-wise (1x128
+  blocks along tokens, per group), fp32, optionally accumulated into existing fp32 buffers
+  (the parameters' main gradients).
+
+Backends: ``"cublas"`` calls ``torch._scaled_mm`` with blockwise scales once per non-empty
+group (Hopper, sm_90); ``"emulated"`` dequantizes exactly and multiplies in fp32, the same
+function on any device (CPU CI). ``"auto"`` picks cuBLAS on sm_90 and emulation elsewhere.
+Group sizes are the padded sizes from the permutation; empty groups cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .fp8 import reference as ref
+from .fp8.format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike
+
+BACKENDS = ("auto", "cublas", "emulated")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown GEMM backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+            return "cublas"
+        return "emulated"
+    if backend == "cublas":
+        if device.type != "cuda":
+            raise RuntimeError("the cuBLAS FP8 GEMM backend needs CUDA tensors; use backend='emulated' on CPU")
+        cap = torch.cuda.get_device_capability(device)
+        if cap[0] != 9:
+            raise RuntimeError(
+                f"blockwise FP8 GEMMs through cuBLAS need a Hopper GPU (sm_90); this GPU is sm_{cap[0]}{cap[1]}. "
+                f"Use backend='emulated' (slow) or the bf16 mode."
+            )
+    return backend
+
+
+def _check_multiple(name: str, value: int) -> None:
+    if value % BLOCK:
+        raise ValueError(f"FP8 GEMMs need {name} % 128 == 0 (whole 128-wide scale blocks), got {name} = {value}")
+
+
+def _group_bounds(groups: GroupSplits) -> List[tuple]:
+    sizes = groups.host_sizes()
+    bounds, start, srow = [], 0, 0
+    for m in sizes:
+        nb = -(-m // BLOCK)
+        bounds.append((start, m, srow, nb))
+        start += m
+        srow += nb
+    return bounds
+
+
+def grouped_rowwise_gemm(
+    a: BlockwiseFP8Tensor,
+    weights: Sequence[BlockwiseFP8Tensor],
+    m_splits: SplitsLike,
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``out[rows of g] = DQ(a[rows of g]) @ DQ(weights[g])^T``; returns [M, N] in ``out_dtype``."""
+    if a.layout != Layout.ROWWISE:
+        raise ValueError(f"grouped_rowwise_gemm needs a 'rowwise' activation, got {a.layout.value!r}")
+    m, k = a.shape
+    _check_multiple("K", k)
+    groups = GroupSplits.build(m_splits, m, a.device)
+    if len(weights) != groups.num_groups:
+        raise ValueError(f"{len(weights)} weights for {groups.num_groups} groups")
+    n = weights[0].shape[0] if weights else 0
+    for i, w in enumerate(weights):
+        if w.layout != Layout.WEIGHT or tuple(w.shape) != (n, k):
+            raise ValueError(f"weight {i} must be a 128x128 'weight' tensor of shape {(n, k)}, got {w!r}")
+    _check_multiple("N", n)
+    backend = _resolve_backend(backend, a.device)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if backend == "emulated":
+        x = ref.dequantize_rowwise(a.data, a.scale_inv)
+        for (start, rows, _, _), w in zip(_group_bounds(groups), weights):
+            if rows:
+                wd = ref.dequantize_weight(w.data, w.scale_inv)
+                out[start : start + rows] = (x[start : start + rows] @ wd.t()).to(out_dtype)
+        return out
+    # cuBLAS wants the activation scales outer-dim-major: one transposed copy for all groups.
+    scale_t = a.scale_inv.t().contiguous()
+    for (start, rows, _, _), w in zip(_group_bounds(groups), weights):
+        if rows:
+            torch._scaled_mm(
+                a.data[start : start + rows],
+                w.data.t(),
+                scale_a=scale_t[:, start : start + rows].t(),
+                scale_b=w.scale_inv.t(),
+                out_dtype=out_dtype,
+                out=out[start : start + rows],
+            )
+    return out
+
+
+def grouped_wgrad(
+    grad_col: BlockwiseFP8Tensor,
+    x_col: BlockwiseFP8Tensor,
+    accumulate_into: Optional[Sequence[torch.Tensor]] = None,
+    backend: str = "auto",
+) -> List[torch.Tensor]:
+    """``dW[g] = DQ(grad[g])^T @ DQ(x[g])`` in fp32 for every group, [N, K] each.
+
+    Both operands are column-wise tensors over the same groups (``grad_col`` logical [M, N],
+    ``x_col`` logical [M, K]). With ``accumulate_into`` the products are added to those fp32
+    buffers (returned); empty groups leave them untouched (or give zeros).
+    """
+    for name, t in (("grad", grad_col), ("x", x_col)):
+        if t.layout != Layout.COLWISE:
+            raise ValueError(f"grouped_wgrad needs column-wise operands; {name} is {t.layout.value!r}")
+    m, n = grad_col.shape
+    m2, k = x_col.shape
+    if m != m2:
+        raise ValueError(f"grad has {m} rows but x has {m2}")
+    sizes = grad_col.groups.host_sizes()
+    if sizes != x_col.groups.host_sizes():
+        raise ValueError("grad and x must be split into the same groups")
+    _check_multiple("N", n)
+    _check_multiple("K", k)
+    backend = _resolve_backend(backend, grad_col.device)
+    dev = grad_col.device
+    outs = list(accumulate_into) if accumulate_into is not None else [
+        torch.zeros(n, k, dtype=torch.float32, device=dev) for _ in sizes
+    ]
+    if len(outs) != len(sizes):
+        raise ValueError(f"{len(outs)} gradient buffers for {len(sizes)} groups")
+    bounds = _group_bounds(grad_col.groups)
+    if backend == "emulated":
+        g = ref.dequantize_colwise(grad_col.data, grad_col.scale_inv, sizes)
+        x = ref.dequantize_colwise(x_col.data, x_col.scale_inv, sizes)
+        for (start, rows, _, _), o in zip(bounds, outs):
+            if rows:
+                o += g[start : start + rows].t() @ x[start : start + rows]
+        return outs
+    for (start, rows, srow, nb), o in zip(bounds, outs):
+        if rows:
+            prod = torch._scaled_mm(
+                grad_col.data[:, start : start + rows],
+                x_col.data[:, start : start + rows].t(),
+                scale_a=grad_col.scale_inv[srow : srow + nb].t(),
+                scale_b=x_col.scale_inv[srow : srow + nb],
+                out_dtype=torch.float32,
+            )
+            o += prod
+    return outs
