@@ -1,0 +1,221 @@
+"""FP8FlowGroupedMLP: the routed-expert MLP (fc1 -> weighted SwiGLU -> fc2) for all local experts.
+
+One module, four precision modes (so benchmarks compare like with like):
+
+* ``bf16``: bf16 GEMMs, bf16 SwiGLU; the BF16 baseline.
+* ``blockwise``: the BF16-centric FP8 baseline: bf16 between operators, each GEMM quantizes its
+  row-wise and column-wise operands from bf16 (TE's blockwise recipe).
+* ``flow_double_quant``: FP8 flow, column-wise operands by dequantize + requantize.
+* ``flow`` (default): FP8 flow, column-wise operands by the scaling-aware transpose, built
+  lazily in the backward from the saved row-wise FP8 tensors.
+
+What ``flow`` saves between forward and backward: X8 (+ scales), fc1 output Y1 (bf16, needed
+by the SwiGLU backward), H8 (+ scales), probs, the FP8 weights, the group sizes.
+
+Parameters are named like Megatron's ``TEGroupedMLP`` (``linear_fc1.weight{i}`` [2F, H],
+``linear_fc2.weight{i}`` [H, F]); see :mod:`.checkpoint` for ``SequentialMLP`` keys.
+
+Status: the GEMMs go through :mod:`megatron_fp8flow.gemm` (emulated on CPU, cuBLAS on Hopper
+- the latter not yet run); expert recompute is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import fp8, gemm
+from ..fp8.activation import FP8Activation, fp8_payload
+from ..fp8.format import BlockwiseFP8Tensor, GroupSplits
+from ..kernels.swiglu_quant import swiglu_quant_backward, swiglu_quant_forward
+
+MODES = ("bf16", "blockwise", "flow_double_quant", "flow")
+
+
+@dataclass(frozen=True)
+class ExpertPrecision:
+    """How the expert MLP computes. One object selects everything."""
+
+    mode: str = "flow"
+    sat_variant: str = "column"
+    gemm_backend: str = "auto"
+    check_finite: bool = False  # debug: raise on NaN/Inf in inputs and outputs
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown expert precision mode {self.mode!r}; expected one of {MODES}")
+        if self.sat_variant not in ("column", "tile"):
+            raise ValueError(f"sat_variant must be 'column' or 'tile', got {self.sat_variant!r}")
+
+
+def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], sizes: List[int]) -> torch.Tensor:
+    """out[g] = a[g] @ w[g]^T in bf16 (fp32 accumulate), one matmul per non-empty group."""
+    out = torch.empty(a.shape[0], weights[0].shape[0], dtype=a.dtype, device=a.device)
+    start = 0
+    for m, w in zip(sizes, weights):
+        if m:
+            out[start : start + m] = a[start : start + m] @ w.t()
+        start += m
+    return out
+
+
+def _bf16_wgrad(g: torch.Tensor, x: torch.Tensor, sizes: List[int], like: Sequence[torch.Tensor]):
+    grads, start = [], 0
+    for m, w in zip(sizes, like):
+        if m:
+            grads.append((g[start : start + m].float().t() @ x[start : start + m].float()).to(w.dtype))
+        else:
+            grads.append(torch.zeros_like(w))
+        start += m
+    return grads
+
+
+class _ExpertMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, probs, cfg: ExpertPrecision, groups: GroupSplits, num_experts: int, *weights):
+        w1, w2 = weights[:num_experts], weights[num_experts:]
+        sizes = groups.host_sizes()
+        ctx.cfg, ctx.groups, ctx.sizes, ctx.num_experts = cfg, groups, sizes, num_experts
+        ctx.w_dtypes = [w.dtype for w in weights]
+        x8 = fp8_payload(x)
+        probs = probs.float()
+        if cfg.mode == "bf16":
+            xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
+            y1 = _bf16_grouped(xb, [w.bfloat16() for w in w1], sizes)
+            _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
+            out = _bf16_grouped(h, [w.bfloat16() for w in w2], sizes)
+            ctx.save_for_backward(xb, y1, h, probs, *weights)
+            return out
+        w1_8 = [fp8.quantize_weight(w) for w in w1]
+        w2_8 = [fp8.quantize_weight(w) for w in w2]
+        be = cfg.gemm_backend
+        if cfg.mode == "blockwise":
+            xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
+            x_row, x_col = fp8.quantize_row_and_col(xb, groups)
+            y1 = gemm.grouped_rowwise_gemm(x_row, w1_8, groups, backend=be)
+            _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
+            h_row, h_col = fp8.quantize_row_and_col(h, groups)
+            out = gemm.grouped_rowwise_gemm(h_row, w2_8, groups, backend=be)
+            ctx.saved = (x_col, h_col, w1_8, w2_8)
+            ctx.save_for_backward(y1, probs)
+            return out
+        if x8 is None:
+            x8 = fp8.quantize(x)
+        y1 = gemm.grouped_rowwise_gemm(x8, w1_8, groups, backend=be)
+        h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs)
+        h8 = BlockwiseFP8Tensor(h8_data, h8_scale, fp8.Layout.ROWWISE, tuple(h8_data.shape))
+        out = gemm.grouped_rowwise_gemm(h8, w2_8, groups, backend=be)
+        ctx.saved = (x8, h8, w1_8, w2_8)
+        ctx.save_for_backward(y1, probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cfg, groups, sizes, e = ctx.cfg, ctx.groups, ctx.sizes, ctx.num_experts
+        if cfg.mode == "bf16":
+            xb, y1, h, probs, *weights = ctx.saved_tensors
+            w1, w2 = weights[:e], weights[e:]
+            d = dout.bfloat16() if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
+            dh = _bf16_grouped(d, [w.bfloat16().t() for w in w2], sizes)
+            dw2 = _bf16_wgrad(d, h, sizes, w2)
+            dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
+            dx = _bf16_grouped(dy1, [w.bfloat16().t() for w in w1], sizes)
+            dw1 = _bf16_wgrad(dy1, xb, sizes, w1)
+            return (dx, dprobs, None, None, None, *dw1, *dw2)
+
+        y1, probs = ctx.saved_tensors
+        be = cfg.gemm_backend
+        x_saved, h_saved, w1_8, w2_8 = ctx.saved
+        if cfg.mode == "blockwise":
+            dout_b = dout if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
+            d_row, d_col = fp8.quantize_row_and_col(dout_b.bfloat16(), groups)
+            x_col, h_col = x_saved, h_saved
+        else:
+            d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout)
+            d_col = _colwise(d_row, groups, cfg)
+        dh = gemm.grouped_rowwise_gemm(d_row, [w.t() for w in w2_8], groups, backend=be)
+        if cfg.mode != "blockwise":
+            h_col = _colwise(h_saved, groups, cfg)
+        dw2 = gemm.grouped_wgrad(d_col, h_col, backend=be)
+        if cfg.mode == "blockwise":
+            dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
+            dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups)
+        else:
+            data, scale, dprobs = swiglu_quant_backward(dh, y1, probs)
+            dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
+            dy1_col = _colwise(dy1_row, groups, cfg)
+            x_col = _colwise(x_saved, groups, cfg)
+        dx = gemm.grouped_rowwise_gemm(dy1_row, [w.t() for w in w1_8], groups, backend=be)
+        dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be)
+        dtypes = ctx.w_dtypes
+        grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
+        return (dx, dprobs, None, None, None, *grads)
+
+
+def _colwise(t: BlockwiseFP8Tensor, groups: GroupSplits, cfg: ExpertPrecision) -> BlockwiseFP8Tensor:
+    """Column-wise copy of a saved row-wise FP8 tensor: SAT (flow) or dequantize+requantize."""
+    if cfg.mode == "flow":
+        return fp8.scaling_aware_transpose(t, groups, variant=cfg.sat_variant)
+    return fp8.quantize(t.dequantize(), "colwise", m_splits=groups)
+
+
+class _WeightList(nn.Module):
+    """Holds ``weight0 .. weight{E-1}`` like TE's grouped linear layers."""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        for i, shape in enumerate(shapes):
+            self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
+
+    def weights(self) -> List[nn.Parameter]:
+        return [getattr(self, f"weight{i}") for i in range(len(self._parameters))]
+
+
+class FP8FlowGroupedMLP(nn.Module):
+    """Routed experts: ``out[g] = fc2_g(silu(gate) * up * prob)`` for every local expert g."""
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
+                 precision: ExpertPrecision = ExpertPrecision(), dtype=torch.bfloat16, device=None,
+                 init_std: float = 0.02):
+        super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("ffn_hidden_size", ffn_hidden_size)):
+            if precision.mode != "bf16" and v % 128:
+                raise ValueError(f"FP8 expert GEMMs need {name} % 128 == 0, got {v}")
+        self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
+        self.precision = precision
+        self.linear_fc1 = _WeightList([(2 * ffn_hidden_size, hidden_size)] * num_experts, dtype, device)
+        self.linear_fc2 = _WeightList([(hidden_size, ffn_hidden_size)] * num_experts, dtype, device)
+        for w in self.linear_fc1.weights() + self.linear_fc2.weights():
+            nn.init.normal_(w, std=init_std)
+
+    def forward(self, tokens: Union[torch.Tensor, FP8Activation], tokens_per_expert, probs: torch.Tensor):
+        """tokens [M, H] (bf16 or an FP8Activation), rows grouped by expert as ``tokens_per_expert``
+        says (list or tensor, padded sizes); probs [M]. Returns bf16 [M, H]."""
+        m = tokens.shape[0]
+        if tokens.dim() != 2 or tokens.shape[1] != self.hidden_size:
+            raise ValueError(f"tokens must be [M, {self.hidden_size}], got {tuple(tokens.shape)}")
+        if probs.shape != (m,):
+            raise ValueError(f"probs must be [{m}], got {tuple(probs.shape)}")
+        groups = GroupSplits.build(tokens_per_expert, m, tokens.device)
+        if groups.num_groups != self.num_experts:
+            raise ValueError(f"tokens_per_expert has {groups.num_groups} entries for {self.num_experts} experts")
+        cfg = self.precision
+        if cfg.check_finite:
+            _check_finite("expert input", tokens)
+        out = _ExpertMLPFunction.apply(
+            tokens, probs, cfg, groups, self.num_experts,
+            *self.linear_fc1.weights(), *self.linear_fc2.weights(),
+        )
+        if cfg.check_finite:
+            _check_finite("expert output", out)
+        return out
+
+
+def _check_finite(what: str, t) -> None:
+    payload = fp8_payload(t)
+    vals = payload.dequantize() if payload is not None else t
+    if not torch.isfinite(vals).all():
+        raise FloatingPointError(f"{what} contains NaN or Inf (check_finite=True)")
