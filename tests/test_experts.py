@@ -136,3 +136,19 @@ def test_expert_errors():
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         dbg(bad, SPLITS, probs)
     assert module(bad, SPLITS, probs).isnan().any()  # without the debug check NaN propagates
+
+
+@pytest.mark.parametrize("mode", ["flow", "flow_double_quant"])
+def test_recompute_gives_identical_gradients(mode):
+    x, probs, dout = _inputs(seed=6)
+    torch.manual_seed(0)
+    plain = _make(mode)
+    torch.manual_seed(0)
+    rec = FP8FlowGroupedMLP(len(SPLITS), H, F, ExpertPrecision(mode=mode, gemm_backend="emulated",
+                                                               recompute_experts=True), dtype=torch.float32)
+    a, b = _run(plain, x, probs, dout), _run(rec, x, probs, dout)
+    for ga, gb in zip(a, b):
+        for u, v in zip(ga if isinstance(ga, list) else [ga], gb if isinstance(gb, list) else [gb]):
+            assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="recompute_experts"):
+        ExpertPrecision(mode="bf16", recompute_experts=True)

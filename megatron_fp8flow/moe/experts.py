@@ -15,8 +15,11 @@ by the SwiGLU backward), H8 (+ scales), probs, the FP8 weights, the group sizes.
 Parameters are named like Megatron's ``TEGroupedMLP`` (``linear_fc1.weight{i}`` [2F, H],
 ``linear_fc2.weight{i}`` [H, F]); see :mod:`.checkpoint` for ``SequentialMLP`` keys.
 
-Status: the GEMMs go through :mod:`megatron_fp8flow.gemm` (emulated on CPU, cuBLAS on Hopper
-- the latter not yet run); expert recompute is not implemented yet.
+With ``recompute_experts`` only X8 (+ scales), probs, group sizes (and the weight parameters,
+which live anyway) are kept; the backward re-runs fc1, the SwiGLU and the weight quantization.
+
+Status: the GEMMs go through :mod:`megatron_fp8flow.gemm` (emulated on CPU, cuBLAS on Hopper,
+the latter not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class ExpertPrecision:
     mode: str = "flow"
     sat_variant: str = "column"
     gemm_backend: str = "auto"
+    # Save only the FP8 input (+ scales), probs and group sizes; recompute the block in backward.
+    recompute_experts: bool = False
     check_finite: bool = False  # debug: raise on NaN/Inf in inputs and outputs
 
     def __post_init__(self):
@@ -49,6 +54,8 @@ class ExpertPrecision:
             raise ValueError(f"unknown expert precision mode {self.mode!r}; expected one of {MODES}")
         if self.sat_variant not in ("column", "tile"):
             raise ValueError(f"sat_variant must be 'column' or 'tile', got {self.sat_variant!r}")
+        if self.recompute_experts and self.mode not in ("flow", "flow_double_quant"):
+            raise ValueError(f"recompute_experts is implemented for the FP8 flow modes, not {self.mode!r}")
 
 
 def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], sizes: List[int]) -> torch.Tensor:
@@ -104,12 +111,13 @@ class _ExpertMLPFunction(torch.autograd.Function):
             return out
         if x8 is None:
             x8 = fp8.quantize(x)
-        y1 = gemm.grouped_rowwise_gemm(x8, w1_8, groups, backend=be)
-        h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs)
-        h8 = BlockwiseFP8Tensor(h8_data, h8_scale, fp8.Layout.ROWWISE, tuple(h8_data.shape))
-        out = gemm.grouped_rowwise_gemm(h8, w2_8, groups, backend=be)
-        ctx.saved = (x8, h8, w1_8, w2_8)
-        ctx.save_for_backward(y1, probs)
+        y1, h8, out = _flow_forward(x8, probs, w1_8, w2_8, groups, be)
+        if cfg.recompute_experts:
+            ctx.saved = (x8, None, None, None)
+            ctx.save_for_backward(probs, *weights)
+        else:
+            ctx.saved = (x8, h8, w1_8, w2_8)
+            ctx.save_for_backward(y1, probs)
         return out
 
     @staticmethod
@@ -126,9 +134,15 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dw1 = _bf16_wgrad(dy1, xb, sizes, w1)
             return (dx, dprobs, None, None, None, *dw1, *dw2)
 
-        y1, probs = ctx.saved_tensors
         be = cfg.gemm_backend
         x_saved, h_saved, w1_8, w2_8 = ctx.saved
+        if cfg.recompute_experts:
+            probs, *weights = ctx.saved_tensors
+            w1_8 = [fp8.quantize_weight(w) for w in weights[:e]]
+            w2_8 = [fp8.quantize_weight(w) for w in weights[e:]]
+            y1, h_saved, _ = _flow_forward(x_saved, probs, w1_8, w2_8, groups, be, need_output=False)
+        else:
+            y1, probs = ctx.saved_tensors
         if cfg.mode == "blockwise":
             dout_b = dout if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
             d_row, d_col = fp8.quantize_row_and_col(dout_b.bfloat16(), groups)
@@ -153,6 +167,15 @@ class _ExpertMLPFunction(torch.autograd.Function):
         dtypes = ctx.w_dtypes
         grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
         return (dx, dprobs, None, None, None, *grads)
+
+
+def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
+    """fc1 -> weighted SwiGLU + quantize -> fc2 on FP8 operands. Returns (Y1, H8, out or None)."""
+    y1 = gemm.grouped_rowwise_gemm(x8, w1_8, groups, backend=backend)
+    h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs)
+    h8 = BlockwiseFP8Tensor(h8_data, h8_scale, fp8.Layout.ROWWISE, tuple(h8_data.shape))
+    out = gemm.grouped_rowwise_gemm(h8, w2_8, groups, backend=backend) if need_output else None
+    return y1, h8, out
 
 
 def _colwise(t: BlockwiseFP8Tensor, groups: GroupSplits, cfg: ExpertPrecision) -> BlockwiseFP8Tensor:
