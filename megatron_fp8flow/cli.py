@@ -43,6 +43,10 @@ def _cmd_bench(args) -> int:
         from .benchmarks import moe_ops
 
         print(moe_ops.render(moe_ops.run(out_dir=args.out)))
+    elif args.which == "experts":
+        from .benchmarks import expert_block
+
+        print(expert_block.render(expert_block.run(out_dir=args.out)))
     return 0
 
 
@@ -60,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="GPU benchmarks (CUDA required)")
     b.add_argument(
-        "which", choices=["sat", "moe"],
-        help="sat: scaling-aware transpose and row-wise quantize; moe: permute/unpermute/SwiGLU kernels",
+        "which", choices=["sat", "moe", "experts"],
+        help="sat: scaling-aware transpose and row-wise quantize; moe: permute/unpermute/SwiGLU "
+        "kernels; experts: one DeepSeek-V3 expert block forward+backward in every precision mode",
     )
     b.add_argument("--ep", type=int, default=8, help="expert parallel size: local experts = experts / EP")
     b.add_argument("--out", help="directory for the JSON results")

@@ -152,3 +152,20 @@ def test_recompute_gives_identical_gradients(mode):
             assert torch.equal(u, v)
     with pytest.raises(ValueError, match="recompute_experts"):
         ExpertPrecision(mode="bf16", recompute_experts=True)
+
+
+def test_expert_benchmark_routing_and_render():
+    """The benchmark's routings sum to tokens x top-k (padded) and its table renders; the timing
+    itself needs a GPU (`fp8flow bench experts`)."""
+    from megatron_fp8flow.benchmarks import expert_block as eb
+
+    for experts in (8, 16, 32):
+        for routing in ("balanced", "skewed"):
+            sizes = eb.group_sizes(experts, routing)
+            assert len(sizes) == experts and all(s % 16 == 0 for s in sizes)
+            assert eb.TOKENS * eb.TOPK <= sum(sizes) < eb.TOKENS * eb.TOPK + 16 * experts
+    assert eb.group_sizes(8, "skewed")[0] > 2 * eb.group_sizes(8, "skewed")[-1]
+    row = eb.BlockRow("flow", False, 8, "balanced", 32768, 10.0, 900.0, 1.0, 2.0, 7.0, 0.7)
+    from dataclasses import asdict
+
+    assert "| 8 | balanced | flow | no |" in eb.render({"gpu": "x", "torch": "y", "rows": [asdict(row)]})

@@ -1,0 +1,128 @@
+"""Benchmark: one MoE expert block (fc1 -> weighted SwiGLU -> fc2), forward + backward, per mode.
+
+DeepSeek-V3 shapes: hidden 7168, moe_ffn 2048, top-8, 4096 tokens per rank, 8 / 16 / 32 local
+experts (EP 32 / 16 / 8 of 256), balanced and skewed routing; groups padded to 16 rows. For each
+precision mode: median step time (device events), achieved TFLOP/s, the bytes held between
+forward and backward, the peak allocated over the step, and the floor
+(FLOPs / 1248 TFLOP/s + essential bytes / 4.13 TB/s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
+from .sat_quantize import COPY_BANDWIDTH_FLOOR
+
+FP8_BLOCKWISE_TFLOPS = 1248e12
+HIDDEN, FFN, TOPK, TOKENS = 7168, 2048, 8, 4096
+
+
+@dataclass
+class BlockRow:
+    mode: str
+    recompute: bool
+    experts: int
+    routing: str
+    rows: int
+    step_ms: float
+    tflops: float
+    held_gb: float
+    peak_gb: float
+    floor_ms: float
+    of_floor: float
+
+
+def group_sizes(experts: int, routing: str, align: int = 16, seed: int = 0) -> list:
+    """Rows per expert for TOKENS x TOPK copies, padded to ``align``; 'skewed' is Zipf-like."""
+    total = TOKENS * TOPK
+    if routing == "balanced":
+        w = torch.ones(experts)
+    else:
+        w = 1.0 / torch.arange(1, experts + 1, dtype=torch.float32) ** 1.2
+    raw = (w / w.sum() * total).floor().long()
+    raw[0] += total - int(raw.sum())
+    return [int(-(-v // align) * align) for v in raw]
+
+
+def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, hidden=HIDDEN, ffn=FFN,
+                reps: int = 10, warmup: int = 3) -> BlockRow:
+    sizes = group_sizes(experts, routing)
+    m = sum(sizes)
+    cfg = ExpertPrecision(mode=mode, recompute_experts=recompute)
+    module = FP8FlowGroupedMLP(experts, hidden, ffn, cfg, dtype=torch.bfloat16, device=device)
+    x = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
+    probs = torch.rand(m, device=device)
+    dout = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
+
+    def step():
+        xr = x.detach().requires_grad_(True)
+        out = module(xr, sizes, probs)
+        out.backward(dout)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    # Memory held between forward and backward, and the peak over one step.
+    module.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    xr = x.detach().requires_grad_(True)
+    out = module(xr, sizes, probs)
+    held = torch.cuda.memory_allocated(device) - before - out.numel() * out.element_size()
+    out.backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    t = sorted(times)[len(times) // 2]
+    flops = 18 * m * hidden * ffn  # fwd 6 M H F, backward twice that
+    essential = m * hidden * 2 * 3 + experts * 3 * hidden * ffn * 2 * 2  # x, out, dx; weights + grads
+    floor_ms = (flops / FP8_BLOCKWISE_TFLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
+    return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
+                    floor_ms, floor_ms / t)
+
+
+def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed")) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("the expert-block benchmark needs a CUDA GPU")
+    device = torch.device("cuda")
+    rows = []
+    for experts in experts_list:
+        for routing in routings:
+            for mode in MODES:
+                rows.append(bench_block(mode, False, experts, routing, device))
+            rows.append(bench_block("flow", True, experts, routing, device))
+    result = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "expert_block.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"GPU: {result['gpu']}, torch {result['torch']}; hidden {HIDDEN}, moe_ffn {FFN}, top-{TOPK}, {TOKENS} tokens",
+        "",
+        "| experts | routing | mode | recompute | rows | step ms | TFLOP/s | held GB | peak GB | floor ms | floor / time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['experts']} | {r['routing']} | {r['mode']} | {'yes' if r['recompute'] else 'no'} | {r['rows']} | "
+            f"{r['step_ms']:.3f} | {r['tflops']:.0f} | {r['held_gb']:.2f} | {r['peak_gb']:.2f} | "
+            f"{r['floor_ms']:.3f} | {100 * r['of_floor']:.0f}% |"
+        )
+    return "\n".join(lines)
