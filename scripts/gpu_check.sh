@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the whole test suite natively, then the SAT/quantize and MoE-operator benchmarks.
+# On a CUDA machine: the whole test suite natively, then the SAT/quantize, MoE-operator and
+# expert-block benchmarks.
 # Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (logs and JSON results go to OUTPUT_DIR)
 set -uo pipefail
 out=${1:-gpu_results}
@@ -12,6 +13,8 @@ test_rc=${PIPESTATUS[0]}
 python3 -m megatron_fp8flow.cli bench sat --out "$out" "${@:2}" 2>&1 | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
 python3 -m megatron_fp8flow.cli bench moe --out "$out" 2>&1 | tee "$out/bench_moe.log"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
+python3 -m megatron_fp8flow.cli bench experts --out "$out" 2>&1 | tee "$out/bench_experts.log"
 bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "pytest rc=$test_rc bench rc=$bench_rc"
 exit $(( test_rc || bench_rc ))
