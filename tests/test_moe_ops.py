@@ -237,8 +237,8 @@ def test_moe_benchmark_pipelines_run_and_agree(device, monkeypatch):
     from megatron_fp8flow.benchmarks import moe_ops
 
     monkeypatch.setattr(moe_ops, "TOKENS", 48)
-    monkeypatch.setattr(moe_ops, "_bench", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(moe_ops, "_copy_ms", lambda nbytes, dev: 1.0)
+    monkeypatch.setattr(moe_ops.common, "bench_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(moe_ops.common, "copy_ms", lambda nbytes, dev: 1.0)
     result = moe_ops.run(device=device, permute_shapes=[(6, 256, 2)], swiglu_shapes=[(256, 6, 2, 128)])
     names = {(r["op"], r["direction"]) for r in result["rows"]}
     assert ("permute+pad fp8", "forward") in names and ("swiglu+quant", "backward") in names

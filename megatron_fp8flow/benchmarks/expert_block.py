@@ -9,17 +9,14 @@ forward and backward, the peak allocated over the step, and the floor
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
 from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
-from .sat_quantize import COPY_BANDWIDTH_FLOOR
+from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, environment, save_result
 
-FP8_BLOCKWISE_TFLOPS = 1248e12
 HIDDEN, FFN, TOPK, TOKENS = 7168, 2048, 8, 4096
 
 
@@ -89,7 +86,7 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     t = sorted(times)[len(times) // 2]
     flops = 18 * m * hidden * ffn  # fwd 6 M H F, backward twice that
     essential = m * hidden * 2 * 3 + experts * 3 * hidden * ffn * 2 * 2  # x, out, dx; weights + grads
-    floor_ms = (flops / FP8_BLOCKWISE_TFLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
+    floor_ms = (flops / FP8_BLOCKWISE_FLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
     return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
                     floor_ms, floor_ms / t)
 
@@ -104,12 +101,7 @@ def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("bala
             for mode in MODES:
                 rows.append(bench_block(mode, False, experts, routing, device))
             rows.append(bench_block("flow", True, experts, routing, device))
-    result = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "expert_block.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
-    return result
+    return save_result({**environment(device), "rows": [asdict(r) for r in rows]}, out_dir, "expert_block.json")
 
 
 def render(result: dict) -> str:

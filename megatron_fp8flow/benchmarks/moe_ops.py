@@ -17,8 +17,6 @@ its fraction of a device copy of the same bytes.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -28,7 +26,8 @@ from .. import fp8, ops
 from ..kernels.gather_rows import gather_sum_rows
 from ..kernels.scatter_rows import scatter_rows
 from ..kernels.swiglu_quant import swiglu_quant_backward, swiglu_quant_forward
-from .sat_quantize import COPY_BANDWIDTH_FLOOR, _bench, _copy_ms
+from . import common
+from .common import COPY_BANDWIDTH_FLOOR, environment, save_result
 
 PERMUTE_SHAPES = [(64, 1280, 7), (64, 2048, 6), (160, 5120, 6), (256, 7168, 8), (384, 8192, 8), (512, 9216, 8)]
 SWIGLU_SHAPES = [(1280, 64, 7, 1024), (2048, 64, 6, 1408), (5120, 160, 6, 1536), (7168, 256, 8, 2048)]
@@ -66,8 +65,8 @@ def _row(op, shape, direction, fused: Callable, baseline: Callable, eager: Calla
          exact: bool = True) -> OpRow:
     if exact:
         _check_same(f"{op} {direction} {shape}", fused, baseline)
-    t_f, t_b, t_e = _bench(fused), _bench(baseline), _bench(eager)
-    t_copy = _copy_ms(nbytes, device)
+    t_f, t_b, t_e = common.bench_ms(fused), common.bench_ms(baseline), common.bench_ms(eager)
+    t_copy = common.copy_ms(nbytes, device)
     bw = nbytes / (t_f * 1e-3) / 1e12
     copy_bw = (nbytes // 2 * 2) / (t_copy * 1e-3) / 1e12
     return OpRow(op, shape, direction, t_f, t_b, t_e, t_b / t_f, t_e / t_f, nbytes, bw, bw / copy_bw,
@@ -225,17 +224,7 @@ def run(out_dir: Optional[str] = None, device=None, permute_shapes=None, swiglu_
         rows += bench_unpermute(e, h, k, device)
     for h, e, k, f in swiglu_shapes or SWIGLU_SHAPES:
         rows += bench_swiglu(h, e, k, f, device)
-    result = {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "rows": [asdict(r) for r in rows],
-    }
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "moe_ops.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
-    return result
+    return save_result({**environment(device), "rows": [asdict(r) for r in rows]}, out_dir, "moe_ops.json")
 
 
 def render(result: dict) -> str:

@@ -18,9 +18,7 @@ Speedups are ratios of times measured side by side; bandwidth fractions are agai
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +26,7 @@ from typing import Optional
 import torch
 
 from .. import fp8
+from .common import COPY_BANDWIDTH_FLOOR, bench_ms, copy_ms, environment, save_result
 
 # (M, K, experts in the model) from the paper's operator benchmarks: M = 4096 tokens x top-k.
 PAPER_SHAPES = [
@@ -38,7 +37,6 @@ PAPER_SHAPES = [
     (32768, 8192, 384),
     (32768, 9216, 512),
 ]
-COPY_BANDWIDTH_FLOOR = 4.13e12  # bytes/s, read + write, measured on the H200
 PAPER_CSV = "op_scaling_aware_transpose.csv"
 
 
@@ -85,19 +83,6 @@ class QuantRow:
     floor_ms: float
 
 
-def _bench(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
-def _copy_ms(nbytes: int, device) -> float:
-    half = nbytes // 2
-    src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return _bench(lambda: dst.copy_(src))
-
-
 def _load_paper(reference_dir: Optional[Path]) -> dict:
     if reference_dir is None or not (reference_dir / PAPER_CSV).exists():
         return {}
@@ -138,9 +123,9 @@ def bench_sat(m: int, k: int, experts: int, ep: int, device, paper: dict) -> Sat
 
     nblocks = groups.scale_rows_capacity
     sat_bytes = 2 * m * k + m * math.ceil(k / 128) * 4 + nblocks * k * 4
-    t_sat, t_tile = _bench(sat), _bench(sat_tile)
-    t_rowcol, t_col = _bench(dq_rowcol), _bench(dq_col)
-    t_copy = _copy_ms(sat_bytes, device)
+    t_sat, t_tile = bench_ms(sat), bench_ms(sat_tile)
+    t_rowcol, t_col = bench_ms(dq_rowcol), bench_ms(dq_col)
+    t_copy = copy_ms(sat_bytes, device)
     sat_bw = sat_bytes / (t_sat * 1e-3) / 1e12
     copy_bw = (sat_bytes // 2 * 2) / (t_copy * 1e-3) / 1e12
     p = paper.get((m, k), (None, None, None))
@@ -156,8 +141,8 @@ def bench_rowwise(m: int, k: int, device) -> QuantRow:
 
     x = (torch.randn(m, k, device=device) * torch.exp(torch.randn(m, 1, device=device))).bfloat16()
     nbytes = 2 * m * k + m * k + m * math.ceil(k / 128) * 4
-    t = _bench(lambda: quantize_rowwise(x))
-    t_copy = _copy_ms(nbytes, device)
+    t = bench_ms(lambda: quantize_rowwise(x))
+    t_copy = copy_ms(nbytes, device)
     bw = nbytes / (t * 1e-3) / 1e12
     copy_bw = (nbytes // 2 * 2) / (t_copy * 1e-3) / 1e12
     return QuantRow(m, k, t, t_copy, nbytes, bw, bw / copy_bw, nbytes / COPY_BANDWIDTH_FLOOR * 1e3)
@@ -177,14 +162,15 @@ def sweep_configs(m: int, k: int, experts: int, ep: int, device) -> list:
     for block_k in (64, 128):
         for warps in (2, 4, 8):
             cfg = f"block_k={block_k} warps={warps}"
-            t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps, packed=True))
+            t = bench_ms(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps, packed=True))
             rows.append((shape, "sat column, packed words", cfg, t))
-            t = _bench(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps, packed=False, chunks=1))
+            t = bench_ms(lambda: sat_kernel(q.data, q.scale_inv, groups, block_k=block_k, num_warps=warps,
+                                            packed=False, chunks=1))
             rows.append((shape, "sat column, words", cfg, t))
     for block_k, warps in ((64, 4), (128, 4)):
-        t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, chunks=1, num_warps=warps))
+        t = bench_ms(lambda: quantize_grouped(x, groups, write_rowwise=False, block_k=block_k, chunks=1, num_warps=warps))
         rows.append((shape, "col quantize", f"block_k={block_k} warps={warps}", t))
-    t = _bench(lambda: quantize_grouped(x, groups, write_rowwise=True, chunks=1, num_warps=4))
+    t = bench_ms(lambda: quantize_grouped(x, groups, write_rowwise=True, chunks=1, num_warps=4))
     rows.append((shape, "row+col quantize", "block_k=128 warps=4", t))
     return rows
 
@@ -200,9 +186,7 @@ def run(ep: int = 8, reference_dir: Optional[str] = None, out_dir: Optional[str]
     paper = _load_paper(Path(reference_dir) if reference_dir else PAPER_RESULTS)
     shapes = shapes or PAPER_SHAPES
     result = {
-        "gpu": torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
+        **environment(device),
         "ep": ep,
         "sat": [asdict(bench_sat(m, k, e, ep, device, paper)) for m, k, e in shapes],
         "rowwise": [asdict(bench_rowwise(m, k, device)) for m, k, _ in shapes],
@@ -211,11 +195,7 @@ def run(ep: int = 8, reference_dir: Optional[str] = None, out_dir: Optional[str]
         result["sweep"] = []
         for m, k, e in (shapes[0], shapes[-3] if len(shapes) > 2 else shapes[-1]):
             result["sweep"] += sweep_configs(m, k, e, ep, device)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "sat_quantize.json"), "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return save_result(result, out_dir, "sat_quantize.json")
 
 
 def render(result: dict) -> str:

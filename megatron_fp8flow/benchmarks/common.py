@@ -1,0 +1,44 @@
+"""What every GPU benchmark shares: timing, the copy ceiling, the run's environment, results."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+COPY_BANDWIDTH_FLOOR = 4.13e12  # bytes/s, read + write, measured on the H200
+FP8_BLOCKWISE_FLOPS = 1248e12  # blockwise FP8 GEMM through cuBLAS, measured on the H200
+
+
+def bench_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:
+    """Median time of ``fn`` in ms: device events after warm-up, L2 flushed between calls."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def copy_ms(nbytes: int, device) -> float:
+    """A device-to-device copy that reads and writes ``nbytes`` in total."""
+    half = nbytes // 2
+    src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return bench_ms(lambda: dst.copy_(src))
+
+
+def environment(device) -> dict:
+    """GPU and library versions recorded with every result."""
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+    }
+
+
+def save_result(result: dict, out_dir: Optional[str], name: str) -> dict:
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, name), "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
