@@ -25,8 +25,6 @@ MIN_SCALE_EXP = tl.constexpr(-126)
 MIN_SCALE = tl.constexpr(2.0**-126)
 E4M3_MAX = tl.constexpr(448.0)
 NAN_CODE = tl.constexpr(0x7F)
-# An exponent below any real one; marks "no finite non-zero value" in max reductions.
-NO_EXP = tl.constexpr(-1024)
 
 
 def interpreter_active() -> bool:
