@@ -61,3 +61,17 @@ def test_nan_and_inf_never_become_finite(device):
         assert c[0, 0].isnan() and c[1, 1].isnan() and c[2, 130].isnan()
         w = fp8.quantize_weight(x, backend=backend).dequantize()
         assert w[0, 0].isnan() and w[1, 1].isnan() and w[2, 130].isnan()
+
+
+def test_kernels_refuse_cpu_tensors_without_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET, a CPU tensor handed to a Triton kernel gets an error that says
+    what to do, not a pointer error from the launcher."""
+    from megatron_fp8flow.kernels.gather_rows import gather_sum_rows
+    from megatron_fp8flow.kernels.swiglu_quant import swiglu_quant_forward
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 256).bfloat16()
+    with pytest.raises(ValueError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        swiglu_quant_forward(x, torch.rand(4))
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        gather_sum_rows(x, torch.zeros(4, 1, dtype=torch.int32), 4)

@@ -31,8 +31,25 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_launchable(*tensors: torch.Tensor) -> None:
+    """Triton runs on CUDA tensors, or on CPU tensors only under the interpreter: say so plainly."""
+    for t in tensors:
+        if t is not None:
+            check_launchable_device(t.device)
+
+
+def check_launchable_device(device: torch.device) -> None:
+    if device.type != "cuda" and not interpreter_active():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got one on {device}; move the inputs to the GPU, "
+            f"set TRITON_INTERPRET=1 to run the kernels on CPU (slow), or use backend='reference'"
+        )
+
+
 def needs_emulated_cast(device: torch.device) -> bool:
-    """Whether kernels on ``device`` must use the integer E4M3 cast (see module docstring)."""
+    """Whether kernels on ``device`` must use the integer E4M3 cast (see module docstring).
+    Every FP8 kernel launcher asks this first, so it also refuses tensors Triton cannot reach."""
+    check_launchable_device(device)
     if os.environ.get("FP8FLOW_EMULATE_FP8_CAST", "0") not in ("", "0"):
         return True
     if device.type != "cuda":

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_common import interpreter_active, to_output_dtype
+from .fp8_common import check_launchable, interpreter_active, to_output_dtype
 
 
 @triton.jit
@@ -50,6 +50,7 @@ def gather_sum_rows(
     num_warps: int = 4,
 ):
     """Returns (dst [N, H] in src's dtype, probs gradient [N, E] fp32 or None)."""
+    check_launchable(src, row_map)
     _, h = src.shape
     topk = row_map.shape[1]
     dev = src.device

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_common import check_launchable
+
 
 @triton.jit
 def _scatter_rows_kernel(
@@ -81,6 +83,7 @@ def scatter_rows(
     ``row_map``/``slot_expert`` are int32 [N, topk]; ``counts`` int32 [E]; ``offsets`` int32
     [E + 1] (cumulative padded sizes). FP8 data is moved through a uint8 view.
     """
+    check_launchable(src, row_map)
     n, h = src.shape
     topk = row_map.shape[1]
     e = counts.numel()
