@@ -222,9 +222,20 @@ def test_swiglu_unquantized_baseline_kernels(device):
     assert none is None
     d_gate, d_up, exp_dw = R.weighted_swiglu_backward(grad, x, w)
     exp_dx = torch.cat([d_gate, d_up], 1)
-    assert ((dx.cpu() - exp_dx).abs() <= 2.0**-19 * exp_dx.abs() + 1e-30).all()
+    # silu'(a) = sig (1 + a (1 - sig)) cancels near a = -1.28, so the bound is relative to the
+    # size of its terms, not of the result; the GPU's exp and division are a few ulp off.
+    f = x.shape[1] // 2
+    a, b = x[:, :f].float(), x[:, f:].float()
+    sig = torch.sigmoid(a)
+    gw = (grad.float() * w[:, None]).abs()
+    size = torch.cat([gw * b.abs() * sig * (1 + (a * (1 - sig)).abs()), gw * (a * sig).abs()], 1)
+    assert ((dx.cpu() - exp_dx).abs() <= 2.0**-19 * size + 1e-30).all()
+    # The two modes are separate compilations, free to contract multiply-adds differently: dw
+    # agrees within the fp32 error of an F-term sum, both against each other and the reference.
     _, q_dw = ops.weighted_swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
-    assert_bits_equal(dw.cpu(), q_dw.cpu(), "dw identical in both modes")
+    terms = (grad.float() * a * sig * b).abs().sum(1)
+    assert ((dw.cpu() - q_dw.cpu()).abs() <= 2 * f * 2.0**-22 * terms + 1e-30).all()
+    assert ((dw.cpu() - exp_dw).abs() <= 2 * f * 2.0**-22 * terms + 1e-30).all()
     dx16, _, _ = swiglu_quant_backward(grad.to(device), x.to(device), w.to(device), dx_dtype=torch.bfloat16)
     assert_bits_equal(dx16.cpu(), dx.cpu().bfloat16(), "bf16 dx = RNE of fp32 dx")
 

@@ -30,7 +30,9 @@ def _quantize_block_rows(v, q_ptrs, s_ptrs, mask, row_ok, EMULATE: tl.constexpr)
 
 @triton.jit
 def _sigmoid(a):
-    return tl.math.div_rn(1.0, 1.0 + tl.exp(-a))
+    # Approximate division (2 ulp) instead of div.rn: on the H200 these kernels are as much bound
+    # by instructions as by bytes (measured 4-8% faster), and the tests' bounds allow a few ulp.
+    return tl.math.fdiv(tl.zeros_like(a) + 1.0, 1.0 + tl.exp(-a), ieee_rounding=False)
 
 
 @triton.jit
@@ -60,7 +62,7 @@ def _swiglu_fwd_kernel(
 def _swiglu_bwd_kernel(
     g_ptr, x_ptr, w_ptr, q_ptr, s_ptr, dx_ptr, dw_ptr, M, F, stride_g, stride_x, num_sb,
     NUM_FB: tl.constexpr, BLOCK_M: tl.constexpr, QUANTIZE: tl.constexpr, EMULATE: tl.constexpr,
-    EXACT_BF16: tl.constexpr,
+    EXACT_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,7 +73,7 @@ def _swiglu_bwd_kernel(
     dw = tl.zeros([BLOCK_M], dtype=tl.float32)
     two_f = 2 * F
     # Fixed-order loop over the 128-column blocks (NUM_FB = F / 128): dw is the same bits run to run.
-    for fb in range(0, NUM_FB):
+    for fb in tl.range(0, NUM_FB, num_stages=NUM_STAGES):
         cols = fb * 128 + tl.arange(0, 128)
         a = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         b = tl.load(x_ptr + r64 * stride_x + F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -137,7 +139,8 @@ def swiglu_quant_forward(
 
 
 def swiglu_quant_backward(
-    g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx_dtype=None, block_m: int = 16, num_warps: int = 4
+    g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx_dtype=None, block_m: int = 8, num_warps: int = 4,
+    num_stages: int = 3,
 ):
     """Returns (data [M, 2F] e4m3 = [d_gate | d_up], scale_inv [M, 2F/128], dw [M] fp32).
 
@@ -163,6 +166,6 @@ def swiglu_quant_backward(
             scale_inv if quantize else dw, dw if quantize else data, dw,
             m, f, g.stride(0), x.stride(0), 2 * f // 128,
             NUM_FB=f // 128, BLOCK_M=block_m, QUANTIZE=quantize, EMULATE=emulate,
-            EXACT_BF16=interpreter_active(), num_warps=num_warps,
+            EXACT_BF16=interpreter_active(), NUM_STAGES=num_stages, num_warps=num_warps,
         )
     return data, scale_inv, dw
