@@ -11,6 +11,12 @@ Backends: ``"cublas"`` calls ``torch._scaled_mm`` with blockwise scales once per
 group (Hopper, sm_90); ``"emulated"`` dequantizes exactly and multiplies in fp32, the same
 function on any device (CPU CI). ``"auto"`` picks cuBLAS on sm_90 and emulation elsewhere.
 Group sizes are the padded sizes from the permutation; empty groups cost nothing.
+
+cuBLAS limits (measured on the H200 with PyTorch 2.11): every group's row count must be a
+multiple of 16 (the permutation's alignment guarantees it); a reduction dimension K with
+K/128 not a multiple of 4 is refused with a clear error on PyTorch versions whose check wants
+unpadded 128x128 scales (given them, cuBLAS returns wrong results). Partial 1x128 blocks
+along tokens in the weight gradient (groups of 16 or 48 rows) are fine.
 """
 
 from __future__ import annotations
@@ -47,6 +53,44 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def _check_multiple(name: str, value: int) -> None:
     if value % BLOCK:
         raise ValueError(f"FP8 GEMMs need {name} % 128 == 0 (whole 128-wide scale blocks), got {name} = {value}")
+
+
+def _check_cublas_groups(bounds: List[tuple]) -> None:
+    # cuBLAS FP8 GEMMs need 16-element-aligned leading dimensions; padded group sizes are.
+    for i, (_, rows, _, _) in enumerate(bounds):
+        if rows % 16:
+            raise ValueError(
+                f"cuBLAS FP8 GEMMs need every group's row count to be a multiple of 16 (permute with "
+                f"alignment 16, 32 or 128); group {i} has {rows} rows. backend='emulated' takes any size."
+            )
+
+
+def _cublas_weight_scale(w: BlockwiseFP8Tensor) -> torch.Tensor:
+    """The 128x128 scales of ``w.data.t()`` as ``torch._scaled_mm`` takes them: [K/128, N/128],
+    column stride K/128 rounded up to 4 floats (16 bytes), as PyTorch's check asks since it
+    started padding; older PyTorch asks for the unpadded stride, see ``_scaled_mm_blockwise``."""
+    nb, kb = w.scale_inv.shape
+    ld = -(-kb // 4) * 4
+    if ld == kb:
+        return w.scale_inv.contiguous().t()
+    padded = w.scale_inv.new_zeros(nb, ld)
+    padded[:, :kb] = w.scale_inv
+    return padded[:, :kb].t()
+
+
+def _scaled_mm_blockwise(a_data, b_data, scale_a, scale_b, out_dtype, out=None):
+    try:
+        return torch._scaled_mm(a_data, b_data, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, out=out)
+    except RuntimeError as err:
+        # PyTorch 2.11 refuses the padded stride above and, given the unpadded one with K/128 not a
+        # multiple of 4, returns wrong results (measured on the H200): refuse that case ourselves.
+        if "Invalid scaling configuration" in str(err) and scale_b.shape[0] % 4 and scale_b.stride(0) == 1:
+            raise ValueError(
+                f"cuBLAS blockwise FP8 GEMMs in PyTorch {torch.__version__} need K % 512 == 0 (K/128 scale "
+                f"blocks a multiple of 4); got K = {a_data.shape[1]}. Use backend='emulated', or a PyTorch "
+                f"that pads blockwise scales."
+            ) from err
+        raise
 
 
 def _group_bounds(groups: GroupSplits) -> List[tuple]:
@@ -89,16 +133,18 @@ def grouped_rowwise_gemm(
                 wd = ref.dequantize_weight(w.data, w.scale_inv)
                 out[start : start + rows] = (x[start : start + rows] @ wd.t()).to(out_dtype)
         return out
-    # cuBLAS wants the activation scales outer-dim-major: one transposed copy for all groups.
-    scale_t = a.scale_inv.t().contiguous()
-    for (start, rows, _, _), w in zip(_group_bounds(groups), weights):
+    bounds = _group_bounds(groups)
+    _check_cublas_groups(bounds)
+    for (start, rows, _, _), w in zip(bounds, weights):
         if rows:
-            torch._scaled_mm(
+            # cuBLAS takes 1x128 scales outer-dim-major with the group's own row count as the
+            # stride, so each group's scales get a small transposed copy.
+            _scaled_mm_blockwise(
                 a.data[start : start + rows],
                 w.data.t(),
-                scale_a=scale_t[:, start : start + rows].t(),
-                scale_b=w.scale_inv.t(),
-                out_dtype=out_dtype,
+                a.scale_inv[start : start + rows].t().contiguous().t(),
+                _cublas_weight_scale(w),
+                out_dtype,
                 out=out[start : start + rows],
             )
     return out
@@ -143,6 +189,7 @@ def grouped_wgrad(
             if rows:
                 o += g[start : start + rows].t() @ x[start : start + rows]
         return outs
+    _check_cublas_groups(bounds)
     for (start, rows, srow, nb), o in zip(bounds, outs):
         if rows:
             prod = torch._scaled_mm(
