@@ -1,5 +1,5 @@
 """GPU benchmarks. Each module measures one family of kernels against its baselines, side by side."""
 
-from pathlib import Path
+from .common import PAPER_RESULTS
 
-PAPER_RESULTS = Path(__file__).parent / "paper_results"
+__all__ = ["PAPER_RESULTS"]

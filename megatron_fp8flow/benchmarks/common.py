@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from typing import Optional
+import time
+from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 
 COPY_BANDWIDTH_FLOOR = 4.13e12  # bytes/s, read + write, measured on the H200
 FP8_BLOCKWISE_FLOPS = 1248e12  # blockwise FP8 GEMM through cuBLAS, measured on the H200
+PAPER_RESULTS = Path(__file__).parent / "paper_results"
+
+
+def warm_up(device, seconds: float = 1.0) -> None:
+    """Keep the GPU busy until its clocks have left idle (an idle H200 reports 405 MHz), so the
+    first shapes of a benchmark are not timed on a cold GPU."""
+    if torch.device(device).type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize(device)
+
+
+def paper_rows(name: str) -> Dict[str, Dict[str, str]]:
+    """The paper's published operator results (``paper_results/<name>``) by their config string."""
+    path = PAPER_RESULTS / name
+    if not path.exists():
+        return {}
+    with open(path) as fh:
+        return {row["config"]: row for row in csv.DictReader(fh)}
 
 
 def bench_ms(fn, warmup_ms: int = 25, rep_ms: int = 200) -> float:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
-from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, environment, save_result
+from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, environment, save_result, warm_up
 
 HIDDEN, FFN, TOPK, TOKENS = 7168, 2048, 8, 4096
 
@@ -95,6 +95,7 @@ def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("bala
     if not torch.cuda.is_available():
         raise RuntimeError("the expert-block benchmark needs a CUDA GPU")
     device = torch.device("cuda")
+    warm_up(device)
     rows = []
     for experts in experts_list:
         for routing in routings:

@@ -48,6 +48,24 @@ class OpRow:
     fused_tbs: float
     frac_of_copy: float
     floor_ms: float
+    paper_speedup: Optional[float] = None  # the paper's fused vs naive ratio, their GPU and baseline
+
+
+# Which of the paper's columns (file, column) corresponds to which of our rows.
+PAPER_COLUMNS = {
+    ("permute+pad bf16", "forward"): ("op_permute_pad.csv", "bf16_perm_pad_speedup"),
+    ("permute+pad fp8", "forward"): ("op_permute_pad.csv", "fp8_perm_pad_speedup"),
+    ("unpad+unpermute bf16", "forward"): ("op_permute_pad.csv", "bf16_unperm_unpad_speedup"),
+    ("unpad+unpermute fp8 grad", "backward"): ("op_permute_pad.csv", "fp8_unperm_unpad_speedup"),
+    ("swiglu+quant", "forward"): ("op_swiglu_quant.csv", "fwd_speedup"),
+    ("swiglu+quant", "backward"): ("op_swiglu_quant.csv", "bwd_speedup"),
+}
+
+
+def _paper_speedup(op: str, direction: str, shape: str) -> Optional[float]:
+    file_col = PAPER_COLUMNS.get((op, direction))
+    row = common.paper_rows(file_col[0]).get(shape) if file_col else None
+    return float(row[file_col[1]]) if row else None
 
 
 def _flat(out):
@@ -70,7 +88,7 @@ def _row(op, shape, direction, fused: Callable, baseline: Callable, eager: Calla
     bw = nbytes / (t_f * 1e-3) / 1e12
     copy_bw = (nbytes // 2 * 2) / (t_copy * 1e-3) / 1e12
     return OpRow(op, shape, direction, t_f, t_b, t_e, t_b / t_f, t_e / t_f, nbytes, bw, bw / copy_bw,
-                 nbytes / COPY_BANDWIDTH_FLOOR * 1e3)
+                 nbytes / COPY_BANDWIDTH_FLOOR * 1e3, _paper_speedup(op, direction, shape))
 
 
 def _routing(n, e, topk, device, seed=0):
@@ -218,6 +236,7 @@ def run(out_dir: Optional[str] = None, device=None, permute_shapes=None, swiglu_
         if not torch.cuda.is_available():
             raise RuntimeError("the MoE operator benchmark needs a CUDA GPU (it measures GPU kernels)")
         device = torch.device("cuda")
+    common.warm_up(device)
     rows = []
     for e, h, k in permute_shapes or PERMUTE_SHAPES:
         rows += bench_permute(e, h, k, device)
@@ -232,13 +251,15 @@ def render(result: dict) -> str:
         f"GPU: {result['gpu']}, torch {result['torch']}, triton {result['triton']}",
         "",
         "| op | shape | direction | fused ms | baseline ms | eager ms | vs baseline | vs eager | "
-        "fused bytes | TB/s | of copy | floor ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "fused bytes | TB/s | of copy | floor ms | paper fused vs naive |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
+        paper = r.get("paper_speedup")
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['direction']} | {r['fused_ms']:.4f} | {r['baseline_ms']:.4f} | "
             f"{r['eager_ms']:.4f} | {r['speedup']:.2f}x | {r['speedup_vs_eager']:.2f}x | {r['fused_bytes']} | "
-            f"{r['fused_tbs']:.2f} | {100 * r['frac_of_copy']:.0f}% | {r['floor_ms']:.4f} |"
+            f"{r['fused_tbs']:.2f} | {100 * r['frac_of_copy']:.0f}% | {r['floor_ms']:.4f} | "
+            f"{f'{paper:.2f}x' if paper else '-'} |"
         )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .. import fp8
-from .common import COPY_BANDWIDTH_FLOOR, bench_ms, copy_ms, environment, save_result
+from .common import COPY_BANDWIDTH_FLOOR, bench_ms, copy_ms, environment, save_result, warm_up
 
 # (M, K, experts in the model) from the paper's operator benchmarks: M = 4096 tokens x top-k.
 PAPER_SHAPES = [
@@ -180,6 +180,7 @@ def run(ep: int = 8, reference_dir: Optional[str] = None, out_dir: Optional[str]
     if not torch.cuda.is_available():
         raise RuntimeError("the SAT/quantize benchmark needs a CUDA GPU (it measures GPU kernels)")
     device = torch.device("cuda")
+    warm_up(device)
     torch.manual_seed(0)
     from . import PAPER_RESULTS
 
