@@ -2,7 +2,8 @@
 
 One module, four precision modes (so benchmarks compare like with like):
 
-* ``bf16``: bf16 GEMMs, bf16 SwiGLU; the BF16 baseline.
+* ``bf16``: bf16 grouped GEMMs (``torch._grouped_mm``, one launch per product), our fused bf16
+  SwiGLU; the BF16 baseline.
 * ``blockwise``: the BF16-centric FP8 baseline: bf16 between operators, each GEMM quantizes its
   row-wise and column-wise operands from bf16 (TE's blockwise recipe).
 * ``flow_double_quant``: FP8 flow, column-wise operands by dequantize + requantize.
@@ -24,6 +25,7 @@ cuBLAS path is tested against the emulation on the H200).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import List, Sequence, Union
 
@@ -58,26 +60,24 @@ class ExpertPrecision:
             raise ValueError(f"recompute_experts is implemented for the FP8 flow modes, not {self.mode!r}")
 
 
-def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], sizes: List[int]) -> torch.Tensor:
-    """out[g] = a[g] @ w[g]^T in bf16 (fp32 accumulate), one matmul per non-empty group."""
-    out = torch.empty(a.shape[0], weights[0].shape[0], dtype=a.dtype, device=a.device)
-    start = 0
-    for m, w in zip(sizes, weights):
-        if m:
-            out[start : start + m] = a[start : start + m] @ w.t()
-        start += m
-    return out
+def _group_ends(sizes: List[int], device) -> torch.Tensor:
+    """Cumulative row ends of the groups, the ``offs`` of ``torch._grouped_mm``."""
+    return torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=device)
 
 
-def _bf16_wgrad(g: torch.Tensor, x: torch.Tensor, sizes: List[int], like: Sequence[torch.Tensor]):
-    grads, start = [], 0
-    for m, w in zip(sizes, like):
-        if m:
-            grads.append((g[start : start + m].float().t() @ x[start : start + m].float()).to(w.dtype))
-        else:
-            grads.append(torch.zeros_like(w))
-        start += m
-    return grads
+def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], ends: torch.Tensor) -> torch.Tensor:
+    """out[g] = a[g] @ w[g]^T in bf16 (fp32 accumulate): one grouped GEMM for all experts."""
+    if a.shape[0] == 0:
+        return a.new_empty(0, weights[0].shape[0])
+    return torch._grouped_mm(a, torch.stack(list(weights)).transpose(-2, -1), offs=ends)
+
+
+def _bf16_wgrad(g: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, like: Sequence[torch.Tensor]):
+    """dW[e] = g[e]^T @ x[e] for every expert in one grouped GEMM (bf16 out); empty groups give zeros."""
+    if g.shape[0] == 0:
+        return [torch.zeros_like(w) for w in like]
+    grads = torch._grouped_mm(g.t(), x, offs=ends)
+    return [d.to(w.dtype) for d, w in zip(grads.unbind(0), like)]
 
 
 class _ExpertMLPFunction(torch.autograd.Function):
@@ -91,10 +91,11 @@ class _ExpertMLPFunction(torch.autograd.Function):
         probs = probs.float()
         if cfg.mode == "bf16":
             xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
-            y1 = _bf16_grouped(xb, [w.bfloat16() for w in w1], sizes)
+            ends = _group_ends(sizes, xb.device)
+            y1 = _bf16_grouped(xb, [w.bfloat16() for w in w1], ends)
             _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
-            out = _bf16_grouped(h, [w.bfloat16() for w in w2], sizes)
-            ctx.save_for_backward(xb, y1, h, probs, *weights)
+            out = _bf16_grouped(h, [w.bfloat16() for w in w2], ends)
+            ctx.save_for_backward(xb, y1, h, probs, ends, *weights)
             return out
         w1_8 = [fp8.quantize_weight(w) for w in w1]
         w2_8 = [fp8.quantize_weight(w) for w in w2]
@@ -124,14 +125,15 @@ class _ExpertMLPFunction(torch.autograd.Function):
     def backward(ctx, dout):
         cfg, groups, sizes, e = ctx.cfg, ctx.groups, ctx.sizes, ctx.num_experts
         if cfg.mode == "bf16":
-            xb, y1, h, probs, *weights = ctx.saved_tensors
+            xb, y1, h, probs, ends, *weights = ctx.saved_tensors
             w1, w2 = weights[:e], weights[e:]
             d = dout.bfloat16() if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
-            dh = _bf16_grouped(d, [w.bfloat16().t() for w in w2], sizes)
-            dw2 = _bf16_wgrad(d, h, sizes, w2)
+            d = d.contiguous()
+            dh = _bf16_grouped(d, [w.bfloat16().t() for w in w2], ends)
+            dw2 = _bf16_wgrad(d, h, ends, w2)
             dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
-            dx = _bf16_grouped(dy1, [w.bfloat16().t() for w in w1], sizes)
-            dw1 = _bf16_wgrad(dy1, xb, sizes, w1)
+            dx = _bf16_grouped(dy1, [w.bfloat16().t() for w in w1], ends)
+            dw1 = _bf16_wgrad(dy1, xb, ends, w1)
             return (dx, dprobs, None, None, None, *dw1, *dw2)
 
         be = cfg.gemm_backend
