@@ -167,7 +167,7 @@ def test_expert_benchmark_routing_and_render():
             assert len(sizes) == experts and all(s % 16 == 0 for s in sizes)
             assert eb.TOKENS * eb.TOPK <= sum(sizes) < eb.TOKENS * eb.TOPK + 16 * experts
     assert eb.group_sizes(8, "skewed")[0] > 2 * eb.group_sizes(8, "skewed")[-1]
-    row = eb.BlockRow("flow", False, 8, "balanced", 32768, 10.0, 900.0, 1.0, 2.0, 7.0, 0.7)
+    row = eb.BlockRow("flow", False, 8, "balanced", 32768, 10.0, 900.0, 1.0, 2.0, 0.35, 7.0, 0.7)
     from dataclasses import asdict
 
     assert "| 8 | balanced | flow | no |" in eb.render({"gpu": "x", "torch": "y", "rows": [asdict(row)]})
@@ -188,3 +188,32 @@ def test_cublas_block_matches_emulated(mode):
     for name, u, v in zip(["out", "dx", "dprobs", "dw1", "dw2"], _run(fast, x, probs, dout), _run(emulated, x, probs, dout)):
         for i, (p, q) in enumerate(zip(u if isinstance(u, list) else [u], v if isinstance(v, list) else [v])):
             assert _rel(p, q) <= 2e-2, f"{mode} {name}[{i}]: {_rel(p, q)}"
+
+
+def test_fp8_weight_cache_across_microbatches(monkeypatch):
+    """is_first_microbatch=True quantizes the weights once; False reuses them bit for bit; an
+    in-place weight update since then is caught by the version counter and re-quantized."""
+    from megatron_fp8flow.moe import experts as ex
+
+    calls = []
+    real = ex.fp8.quantize_weight
+    monkeypatch.setattr(ex.fp8, "quantize_weight", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
+    module = _make("flow")
+    x, probs, dout = _inputs(seed=11)
+    with pytest.raises(ValueError, match="is_first_microbatch=False but no FP8 weights"):
+        module(x, SPLITS, probs, is_first_microbatch=False)
+    plain = _run(module, x, probs, dout)
+    n = len(calls)
+    assert n == 2 * len(SPLITS)
+    for first in (True, False):
+        module.zero_grad(set_to_none=True)
+        xr, pr = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+        out = module(xr, SPLITS, pr, is_first_microbatch=first)
+        out.backward(dout)
+        assert torch.equal(out, plain[0]) and torch.equal(xr.grad, plain[1])
+    assert len(calls) == 2 * n  # quantized for True, reused for False
+    with torch.no_grad():
+        module.linear_fc1.weight1.mul_(2.0)  # an optimizer step the caller did not announce
+    stale_checked = module(x, SPLITS, probs, is_first_microbatch=False)
+    fresh = module(x, SPLITS, probs)
+    assert torch.equal(stale_checked, fresh) and not torch.equal(fresh, plain[0])

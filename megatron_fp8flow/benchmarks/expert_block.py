@@ -3,7 +3,8 @@
 DeepSeek-V3 shapes: hidden 7168, moe_ffn 2048, top-8, 4096 tokens per rank, 8 / 16 / 32 local
 experts (EP 32 / 16 / 8 of 256), balanced and skewed routing; groups padded to 16 rows. For each
 precision mode: median step time (device events), achieved TFLOP/s, the bytes held between
-forward and backward, the peak allocated over the step, and the floor
+forward and backward (the block's input included), the peak allocated over the step, the FP8
+weight copies kept across microbatches, and the floor
 (FLOPs / 1248 TFLOP/s + essential bytes / 4.13 TB/s).
 """
 
@@ -14,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .. import fp8
+from ..fp8.activation import FP8Activation
 from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
 from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, environment, save_result, warm_up
 
@@ -31,6 +34,7 @@ class BlockRow:
     tflops: float
     held_gb: float
     peak_gb: float
+    fp8_weights_gb: float  # FP8 weight copies kept across the microbatches of a step
     floor_ms: float
     of_floor: float
 
@@ -47,6 +51,12 @@ def group_sizes(experts: int, routing: str, align: int = 16, seed: int = 0) -> l
     return [int(-(-v // align) * align) for v in raw]
 
 
+def _fp8_cache_bytes(module: FP8FlowGroupedMLP) -> int:
+    if module._fp8_cache is None:
+        return 0
+    return sum(q.data.nbytes + q.scale_inv.nbytes for ws in module._fp8_cache[1] for q in ws)
+
+
 def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, hidden=HIDDEN, ffn=FFN,
                 reps: int = 10, warmup: int = 3) -> BlockRow:
     sizes = group_sizes(experts, routing)
@@ -56,23 +66,33 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     x = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
     probs = torch.rand(m, device=device)
     dout = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
+    # Tokens arrive as the dispatcher delivers them: FP8 for the flow modes (quantized once before
+    # the all-to-all, outside this block), bf16 otherwise. Each call makes a fresh input, so the
+    # memory the block keeps for its backward includes it.
+    flow_input = mode in ("flow", "flow_double_quant")
 
-    def step():
-        xr = x.detach().requires_grad_(True)
-        out = module(xr, sizes, probs)
+    def make_input():
+        if flow_input:
+            return FP8Activation(fp8.quantize(x), torch.bfloat16, requires_grad=True)
+        return x.clone().requires_grad_(True)
+
+    def step(first: bool = False):
+        out = module(make_input(), sizes, probs, is_first_microbatch=first)
         out.backward(dout)
 
+    step(first=True)  # the first microbatch of a step quantizes the weights; the timed ones reuse them
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    # Memory held between forward and backward, and the peak over one step.
+    # Memory held between forward and backward (the input included), and the peak over one step.
     module.zero_grad(set_to_none=True)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    xr = x.detach().requires_grad_(True)
-    out = module(xr, sizes, probs)
+    inp = make_input()
+    out = module(inp, sizes, probs, is_first_microbatch=False)
     held = torch.cuda.memory_allocated(device) - before - out.numel() * out.element_size()
     out.backward(dout)
+    del inp, out
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated(device) - before
     times = []
@@ -88,7 +108,7 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     essential = m * hidden * 2 * 3 + experts * 3 * hidden * ffn * 2 * 2  # x, out, dx; weights + grads
     floor_ms = (flops / FP8_BLOCKWISE_FLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
     return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
-                    floor_ms, floor_ms / t)
+                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t)
 
 
 def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed")) -> dict:
@@ -109,13 +129,15 @@ def render(result: dict) -> str:
     lines = [
         f"GPU: {result['gpu']}, torch {result['torch']}; hidden {HIDDEN}, moe_ffn {FFN}, top-{TOPK}, {TOKENS} tokens",
         "",
-        "| experts | routing | mode | recompute | rows | step ms | TFLOP/s | held GB | peak GB | floor ms | floor / time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| experts | routing | mode | recompute | rows | step ms | TFLOP/s | held GB | peak GB | FP8 weights GB | "
+        "floor ms | floor / time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['experts']} | {r['routing']} | {r['mode']} | {'yes' if r['recompute'] else 'no'} | {r['rows']} | "
             f"{r['step_ms']:.3f} | {r['tflops']:.0f} | {r['held_gb']:.2f} | {r['peak_gb']:.2f} | "
+            f"{r.get('fp8_weights_gb', 0.0):.2f} | "
             f"{r['floor_ms']:.3f} | {100 * r['of_floor']:.0f}% |"
         )
     return "\n".join(lines)

@@ -17,7 +17,13 @@ Parameters are named like Megatron's ``TEGroupedMLP`` (``linear_fc1.weight{i}`` 
 ``linear_fc2.weight{i}`` [H, F]); see :mod:`.checkpoint` for ``SequentialMLP`` keys.
 
 With ``recompute_experts`` only X8 (+ scales), probs, group sizes (and the weight parameters,
-which live anyway) are kept; the backward re-runs fc1, the SwiGLU and the weight quantization.
+which live anyway) are kept; the backward re-runs fc1 and the SwiGLU (and the weight
+quantization, unless the FP8 weights are cached).
+
+FP8 weights: quantized 128x128 once per call by default; with ``is_first_microbatch`` (the
+TransformerEngine convention) once per step and shared by all its microbatches. Reuse is
+guarded by the weights' version counters, so an in-place update the caller did not announce
+is re-quantized rather than trained on stale copies.
 
 The GEMMs go through :mod:`megatron_fp8flow.gemm` (emulated on CPU, cuBLAS on Hopper; the
 cuBLAS path is tested against the emulation on the H200).
@@ -26,8 +32,9 @@ cuBLAS path is tested against the emulation on the H200).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,6 +43,8 @@ from .. import fp8, gemm
 from ..fp8.activation import FP8Activation, fp8_payload
 from ..fp8.format import BlockwiseFP8Tensor, GroupSplits
 from ..kernels.swiglu_quant import swiglu_quant_backward, swiglu_quant_forward
+
+logger = logging.getLogger(__name__)
 
 MODES = ("bf16", "blockwise", "flow_double_quant", "flow")
 
@@ -82,10 +91,10 @@ def _bf16_wgrad(g: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, like: Sequ
 
 class _ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, cfg: ExpertPrecision, groups: GroupSplits, num_experts: int, *weights):
+    def forward(ctx, x, probs, cfg: ExpertPrecision, groups: GroupSplits, num_experts: int, fp8_weights, *weights):
         w1, w2 = weights[:num_experts], weights[num_experts:]
         sizes = groups.host_sizes()
-        ctx.cfg, ctx.groups, ctx.sizes, ctx.num_experts = cfg, groups, sizes, num_experts
+        ctx.cfg, ctx.groups, ctx.num_experts = cfg, groups, num_experts
         ctx.w_dtypes = [w.dtype for w in weights]
         x8 = fp8_payload(x)
         probs = probs.float()
@@ -97,8 +106,8 @@ class _ExpertMLPFunction(torch.autograd.Function):
             out = _bf16_grouped(h, [w.bfloat16() for w in w2], ends)
             ctx.save_for_backward(xb, y1, h, probs, ends, *weights)
             return out
-        w1_8 = [fp8.quantize_weight(w) for w in w1]
-        w2_8 = [fp8.quantize_weight(w) for w in w2]
+        w1_8, w2_8 = fp8_weights if fp8_weights is not None else _quantize_weights(weights, num_experts)
+        ctx.fp8_weights = fp8_weights
         be = cfg.gemm_backend
         if cfg.mode == "blockwise":
             xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
@@ -123,7 +132,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        cfg, groups, sizes, e = ctx.cfg, ctx.groups, ctx.sizes, ctx.num_experts
+        cfg, groups, e = ctx.cfg, ctx.groups, ctx.num_experts
         if cfg.mode == "bf16":
             xb, y1, h, probs, ends, *weights = ctx.saved_tensors
             w1, w2 = weights[:e], weights[e:]
@@ -134,14 +143,13 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
             dx = _bf16_grouped(dy1, [w.bfloat16().t() for w in w1], ends)
             dw1 = _bf16_wgrad(dy1, xb, ends, w1)
-            return (dx, dprobs, None, None, None, *dw1, *dw2)
+            return (dx, dprobs, None, None, None, None, *dw1, *dw2)
 
         be = cfg.gemm_backend
         x_saved, h_saved, w1_8, w2_8 = ctx.saved
         if cfg.recompute_experts:
             probs, *weights = ctx.saved_tensors
-            w1_8 = [fp8.quantize_weight(w) for w in weights[:e]]
-            w2_8 = [fp8.quantize_weight(w) for w in weights[e:]]
+            w1_8, w2_8 = ctx.fp8_weights if ctx.fp8_weights is not None else _quantize_weights(weights, e)
             y1, h_saved, _ = _flow_forward(x_saved, probs, w1_8, w2_8, groups, be, need_output=False)
         else:
             y1, probs = ctx.saved_tensors
@@ -168,7 +176,14 @@ class _ExpertMLPFunction(torch.autograd.Function):
         dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be)
         dtypes = ctx.w_dtypes
         grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
-        return (dx, dprobs, None, None, None, *grads)
+        return (dx, dprobs, None, None, None, None, *grads)
+
+
+def _quantize_weights(weights, num_experts: int):
+    """128x128 FP8 copies of the fc1 and fc2 weights: (fc1 list, fc2 list)."""
+    with torch.no_grad():
+        q = [fp8.quantize_weight(w.detach()) for w in weights]
+    return q[:num_experts], q[num_experts:]
 
 
 def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
@@ -215,10 +230,17 @@ class FP8FlowGroupedMLP(nn.Module):
         self.linear_fc2 = _WeightList([(hidden_size, ffn_hidden_size)] * num_experts, dtype, device)
         for w in self.linear_fc1.weights() + self.linear_fc2.weights():
             nn.init.normal_(w, std=init_std)
+        self._fp8_cache = None  # (weight versions, (fc1 FP8 list, fc2 FP8 list)); see is_first_microbatch
 
-    def forward(self, tokens: Union[torch.Tensor, FP8Activation], tokens_per_expert, probs: torch.Tensor):
+    def forward(self, tokens: Union[torch.Tensor, FP8Activation], tokens_per_expert, probs: torch.Tensor,
+                is_first_microbatch: Optional[bool] = None):
         """tokens [M, H] (bf16 or an FP8Activation), rows grouped by expert as ``tokens_per_expert``
-        says (list or tensor, padded sizes); probs [M]. Returns bf16 [M, H]."""
+        says (list or tensor, padded sizes); probs [M]. Returns bf16 [M, H].
+
+        ``is_first_microbatch`` (as in TransformerEngine): None quantizes the weights in this call
+        (always right); True quantizes them and keeps the FP8 copies for the following
+        microbatches of the step; False reuses those copies. The forward and backward of one
+        call always share one set of FP8 weights."""
         m = tokens.shape[0]
         if tokens.dim() != 2 or tokens.shape[1] != self.hidden_size:
             raise ValueError(f"tokens must be [M, {self.hidden_size}], got {tuple(tokens.shape)}")
@@ -230,13 +252,31 @@ class FP8FlowGroupedMLP(nn.Module):
         cfg = self.precision
         if cfg.check_finite:
             _check_finite("expert input", tokens)
-        out = _ExpertMLPFunction.apply(
-            tokens, probs, cfg, groups, self.num_experts,
-            *self.linear_fc1.weights(), *self.linear_fc2.weights(),
-        )
+        weights = self.linear_fc1.weights() + self.linear_fc2.weights()
+        fp8_weights = None if cfg.mode == "bf16" else self._cached_fp8_weights(weights, is_first_microbatch)
+        out = _ExpertMLPFunction.apply(tokens, probs, cfg, groups, self.num_experts, fp8_weights, *weights)
         if cfg.check_finite:
             _check_finite("expert output", out)
         return out
+
+
+    def _cached_fp8_weights(self, weights, is_first_microbatch: Optional[bool]):
+        if is_first_microbatch is None:
+            self._fp8_cache = None
+            return None
+        # A weight changed in place since the copies were made moves its version counter:
+        # re-quantize rather than train on stale FP8 weights (and say so, it is a caller error).
+        versions = tuple(w._version for w in weights)
+        cache = self._fp8_cache
+        if not is_first_microbatch:
+            if cache is None:
+                raise ValueError("is_first_microbatch=False but no FP8 weights are cached: pass True on the "
+                                 "first microbatch of each step")
+            if cache[0] == versions:
+                return cache[1]
+            logger.warning("expert weights changed since is_first_microbatch=True; re-quantizing them")
+        self._fp8_cache = (versions, _quantize_weights(weights, self.num_experts))
+        return self._fp8_cache[1]
 
 
 def _check_finite(what: str, t) -> None:
