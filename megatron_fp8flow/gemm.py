@@ -155,12 +155,14 @@ def grouped_wgrad(
     x_col: BlockwiseFP8Tensor,
     accumulate_into: Optional[Sequence[torch.Tensor]] = None,
     backend: str = "auto",
+    out_dtype: torch.dtype = torch.float32,
 ) -> List[torch.Tensor]:
     """``dW[g] = DQ(grad[g])^T @ DQ(x[g])`` in fp32 for every group, [N, K] each.
 
     Both operands are column-wise tensors over the same groups (``grad_col`` logical [M, N],
     ``x_col`` logical [M, K]). With ``accumulate_into`` the products are added to those fp32
-    buffers (returned); empty groups leave them untouched (or give zeros).
+    buffers (returned); empty groups leave them untouched (or give zeros). Without it each
+    product is written once, in ``out_dtype`` (fp32 or bf16), with no separate zero-fill or add.
     """
     for name, t in (("grad", grad_col), ("x", x_col)):
         if t.layout != Layout.COLWISE:
@@ -176,28 +178,42 @@ def grouped_wgrad(
     _check_multiple("K", k)
     backend = _resolve_backend(backend, grad_col.device)
     dev = grad_col.device
-    outs = list(accumulate_into) if accumulate_into is not None else [
-        torch.zeros(n, k, dtype=torch.float32, device=dev) for _ in sizes
-    ]
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"grouped_wgrad writes fp32 or bf16, got {out_dtype}")
+    accumulate = accumulate_into is not None
+    outs = list(accumulate_into) if accumulate else [None] * len(sizes)
     if len(outs) != len(sizes):
         raise ValueError(f"{len(outs)} gradient buffers for {len(sizes)} groups")
     bounds = _group_bounds(grad_col.groups)
     if backend == "emulated":
         g = ref.dequantize_colwise(grad_col.data, grad_col.scale_inv, sizes)
         x = ref.dequantize_colwise(x_col.data, x_col.scale_inv, sizes)
-        for (start, rows, _, _), o in zip(bounds, outs):
-            if rows:
-                o += g[start : start + rows].t() @ x[start : start + rows]
+        for i, (start, rows, _, _) in enumerate(bounds):
+            prod = g[start : start + rows].t() @ x[start : start + rows] if rows else None
+            outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)
         return outs
     _check_cublas_groups(bounds)
-    for (start, rows, srow, nb), o in zip(bounds, outs):
+    for i, (start, rows, srow, nb) in enumerate(bounds):
+        prod = None
         if rows:
             prod = torch._scaled_mm(
                 grad_col.data[:, start : start + rows],
                 x_col.data[:, start : start + rows].t(),
                 scale_a=grad_col.scale_inv[srow : srow + nb].t(),
                 scale_b=x_col.scale_inv[srow : srow + nb],
-                out_dtype=torch.float32,
+                out_dtype=torch.float32 if accumulate else out_dtype,
             )
-            o += prod
+        outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)
     return outs
+
+
+def _store_product(buffer, prod, accumulate: bool, shape, out_dtype, device):
+    """Add ``prod`` into ``buffer`` (accumulating) or return it as the result; an empty group
+    (``prod`` None) leaves the buffer as it was, or gives zeros."""
+    if accumulate:
+        if prod is not None:
+            buffer += prod
+        return buffer
+    if prod is None:
+        return torch.zeros(shape, dtype=out_dtype, device=device)
+    return prod.to(out_dtype)

@@ -57,6 +57,18 @@ def test_wgrad_emulated_matches_fp64_and_accumulates():
             exp = a @ b.t() + 0.5
             assert ((o.double() - exp).abs() <= _fp32_bound(a, b) + 2.0**-24).all()
         start += m_g
+    # Without buffers: fresh products (zeros for the empty group), fp32 or rounded once to bf16.
+    fresh = gemm.grouped_wgrad(g_col, x_col, backend="emulated")
+    half = gemm.grouped_wgrad(g_col, x_col, backend="emulated", out_dtype=torch.bfloat16)
+    for m_g, o, f, h in zip(SPLITS, outs, fresh, half):
+        assert f.dtype == torch.float32 and h.dtype == torch.bfloat16 and f.shape == (N, K)
+        assert torch.equal(h, f.bfloat16())
+        if m_g:
+            assert torch.equal(f + 0.5, o)
+        else:
+            assert torch.count_nonzero(f) == 0
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        gemm.grouped_wgrad(g_col, x_col, backend="emulated", out_dtype=torch.float16)
 
 
 def test_gemm_errors():

@@ -163,7 +163,9 @@ class _ExpertMLPFunction(torch.autograd.Function):
         dh = gemm.grouped_rowwise_gemm(d_row, [w.t() for w in w2_8], groups, backend=be)
         if cfg.mode != "blockwise":
             h_col = _colwise(h_saved, groups, cfg)
-        dw2 = gemm.grouped_wgrad(d_col, h_col, backend=be)
+        # Gradients come out in the parameters' dtype (one write, no fp32 copy for bf16 weights).
+        wgrad_dtype = torch.bfloat16 if ctx.w_dtypes[0] == torch.bfloat16 else torch.float32
+        dw2 = gemm.grouped_wgrad(d_col, h_col, backend=be, out_dtype=wgrad_dtype)
         if cfg.mode == "blockwise":
             dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
             dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups)
@@ -173,7 +175,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dy1_col = _colwise(dy1_row, groups, cfg)
             x_col = _colwise(x_saved, groups, cfg)
         dx = gemm.grouped_rowwise_gemm(dy1_row, [w.t() for w in w1_8], groups, backend=be)
-        dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be)
+        dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be, out_dtype=wgrad_dtype)
         dtypes = ctx.w_dtypes
         grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
         return (dx, dprobs, None, None, None, None, *grads)
