@@ -46,7 +46,11 @@ def _cmd_bench(args) -> int:
     elif args.which == "experts":
         from .benchmarks import expert_block
 
-        print(expert_block.render(expert_block.run(out_dir=args.out)))
+        print(expert_block.render(expert_block.run(out_dir=args.out, gemm_backend=args.gemm_backend)))
+    elif args.which == "gemm":
+        from .benchmarks import grouped_gemm
+
+        print(grouped_gemm.render(grouped_gemm.run(out_dir=args.out)))
     return 0
 
 
@@ -64,13 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="GPU benchmarks (CUDA required)")
     b.add_argument(
-        "which", choices=["sat", "moe", "experts"],
+        "which", choices=["sat", "moe", "experts", "gemm"],
         help="sat: scaling-aware transpose and row-wise quantize; moe: permute/unpermute/SwiGLU "
-        "kernels; experts: one DeepSeek-V3 expert block forward+backward in every precision mode",
+        "kernels; experts: one DeepSeek-V3 expert block forward+backward in every precision mode; "
+        "gemm: the grouped FP8 GEMMs, cuBLAS per group against the single-launch Triton kernels",
     )
     b.add_argument("--ep", type=int, default=8, help="expert parallel size: local experts = experts / EP")
     b.add_argument("--out", help="directory for the JSON results")
     b.add_argument("--sweep", action="store_true", help="also time kernel launch configurations")
+    b.add_argument("--gemm-backend", default="auto", choices=["auto", "cublas", "triton"],
+                   help="experts: the FP8 GEMM backend of the FP8 modes")
     b.set_defaults(func=_cmd_bench)
     return p
 

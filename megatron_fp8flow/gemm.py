@@ -8,7 +8,9 @@
   (the parameters' main gradients).
 
 Backends: ``"cublas"`` calls ``torch._scaled_mm`` with blockwise scales once per non-empty
-group (Hopper, sm_90); ``"emulated"`` dequantizes exactly and multiplies in fp32, the same
+group (Hopper, sm_90); ``"triton"`` runs all groups in one launch
+(:mod:`megatron_fp8flow.kernels.grouped_gemm`; any group sizes, tested under the Triton
+interpreter, not yet timed against cuBLAS); ``"emulated"`` dequantizes exactly and multiplies in fp32, the same
 function on any device (CPU CI). ``"auto"`` picks cuBLAS on sm_90 and emulation elsewhere.
 Group sizes are the padded sizes from the permutation; empty groups cost nothing.
 
@@ -28,7 +30,7 @@ import torch
 from .fp8 import reference as ref
 from .fp8.format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike
 
-BACKENDS = ("auto", "cublas", "emulated")
+BACKENDS = ("auto", "cublas", "triton", "emulated")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -38,6 +40,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
             return "cublas"
         return "emulated"
+    if backend == "triton":
+        from .kernels.fp8_common import check_launchable_device
+
+        check_launchable_device(device)
     if backend == "cublas":
         if device.type != "cuda":
             raise RuntimeError("the cuBLAS FP8 GEMM backend needs CUDA tensors; use backend='emulated' on CPU")
@@ -126,6 +132,15 @@ def grouped_rowwise_gemm(
     _check_multiple("N", n)
     backend = _resolve_backend(backend, a.device)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if backend == "triton":
+        from .kernels import grouped_gemm
+
+        if not weights:
+            return out
+        # One launch for all groups; the per-group weights are stacked here (a copy).
+        w_data = torch.stack([w.data for w in weights])
+        w_scale = torch.stack([w.scale_inv for w in weights])
+        return grouped_gemm.grouped_rowwise_gemm(a.data, a.scale_inv, w_data, w_scale, groups, out)
     if backend == "emulated":
         x = ref.dequantize_rowwise(a.data, a.scale_inv)
         for (start, rows, _, _), w in zip(_group_bounds(groups), weights):
@@ -185,6 +200,15 @@ def grouped_wgrad(
     if len(outs) != len(sizes):
         raise ValueError(f"{len(outs)} gradient buffers for {len(sizes)} groups")
     bounds = _group_bounds(grad_col.groups)
+    if backend == "triton":
+        from .kernels import grouped_gemm
+
+        stacked = torch.empty(len(sizes), n, k, dtype=torch.float32 if accumulate else out_dtype, device=dev)
+        grouped_gemm.grouped_wgrad(grad_col.data, grad_col.scale_inv, x_col.data, x_col.scale_inv,
+                                   grad_col.groups, stacked, accumulate=False)
+        for i, (_, rows, _, _) in enumerate(bounds):
+            outs[i] = _store_product(outs[i], stacked[i] if rows else None, accumulate, (n, k), out_dtype, dev)
+        return outs
     if backend == "emulated":
         g = ref.dequantize_colwise(grad_col.data, grad_col.scale_inv, sizes)
         x = ref.dequantize_colwise(x_col.data, x_col.scale_inv, sizes)

@@ -71,6 +71,55 @@ def test_wgrad_emulated_matches_fp64_and_accumulates():
         gemm.grouped_wgrad(g_col, x_col, backend="emulated", out_dtype=torch.float16)
 
 
+def test_triton_grouped_gemms_match_fp64(device):
+    """The single-launch Triton kernels (one launch for all groups; any group sizes, empty ones
+    included) against fp64 products of the exactly dequantized operands, within the fp32
+    accumulation bound; fprop, dgrad (w.t()), and wgrad fresh, in bf16, and accumulated."""
+    a = fp8.quantize(make_activations(sum(SPLITS), K, "heavy", seed=21).to(device))
+    ws = [fp8.quantize_weight(w.to(device)) for w in
+          (make_activations(N, K, "outlier", seed=30 + i) for i in range(len(SPLITS)))]
+    ad = a.dequantize().cpu().double()
+    out = gemm.grouped_rowwise_gemm(a, ws, SPLITS, out_dtype=torch.float32, backend="triton").cpu()
+    out16 = gemm.grouped_rowwise_gemm(a, ws, SPLITS, out_dtype=torch.bfloat16, backend="triton").cpu()
+    dy = fp8.quantize(make_activations(sum(SPLITS), N, "gaussian", seed=22).to(device))
+    dx = gemm.grouped_rowwise_gemm(dy, [w.t() for w in ws], SPLITS, out_dtype=torch.float32, backend="triton").cpu()
+    dyd = dy.dequantize().cpu().double()
+    start = 0
+    for m, w in zip(SPLITS, ws):
+        if m:
+            wd = w.dequantize().cpu().double()
+            rows = slice(start, start + m)
+            assert ((out[rows].double() - ad[rows] @ wd.t()).abs() <= _fp32_bound(ad[rows], wd)).all()
+            assert ((out16[rows].double() - out[rows].double()).abs() <= 2.0**-8 * out[rows].abs().double()
+                    + 2 * _fp32_bound(ad[rows], wd)).all()
+            assert ((dx[rows].double() - dyd[rows] @ wd) .abs() <= _fp32_bound(dyd[rows], wd.t())).all()
+        start += m
+    g_col = fp8.scaling_aware_transpose(dy, SPLITS)
+    x_col = fp8.scaling_aware_transpose(a, SPLITS)
+    gd, xd = g_col.dequantize().cpu().double(), x_col.dequantize().cpu().double()
+    fresh = gemm.grouped_wgrad(g_col, x_col, backend="triton")
+    main = [torch.full((N, K), 0.25, device=device) for _ in SPLITS]
+    accumulated = gemm.grouped_wgrad(g_col, x_col, accumulate_into=main, backend="triton")
+    start = 0
+    for m, f, acc in zip(SPLITS, fresh, accumulated):
+        f, acc = f.cpu().double(), acc.cpu().double()
+        if m:
+            ga, xa = gd[start : start + m].t(), xd[start : start + m].t()
+            bound = _fp32_bound(ga, xa)
+            assert (f - ga @ xa.t()).abs().le(bound).all()
+            assert (acc - 0.25 - ga @ xa.t()).abs().le(bound + 2.0**-22).all()
+        else:
+            assert torch.count_nonzero(f) == 0 and (acc == 0.25).all()
+        start += m
+    # The kernel's in-place accumulation into a stacked fp32 buffer.
+    from megatron_fp8flow.kernels import grouped_gemm
+
+    stacked = torch.full((len(SPLITS), N, K), 0.25, device=device)
+    grouped_gemm.grouped_wgrad(g_col.data, g_col.scale_inv, x_col.data, x_col.scale_inv, g_col.groups, stacked, True)
+    for i, acc in enumerate(accumulated):
+        assert (stacked[i].cpu().double() - acc.cpu().double()).abs().le(2.0**-20 * acc.abs().cpu().double()).all()
+
+
 def test_gemm_errors():
     a = fp8.quantize(torch.randn(32, 200), backend="reference")
     with pytest.raises(ValueError, match="K % 128 == 0"):
@@ -128,3 +177,14 @@ def test_cublas_matches_emulation_on_hopper(k, n):
         return
     dgrad_ref = gemm.grouped_rowwise_gemm(dy, [w.t() for w in ws], splits, out_dtype=torch.float32, backend="emulated")
     assert torch.linalg.norm(dgrad - dgrad_ref) <= 1e-3 * torch.linalg.norm(dgrad_ref)
+
+
+def test_gemm_benchmark_render():
+    """The GEMM benchmark's table (the timing itself needs a GPU: `fp8flow bench gemm`)."""
+    from dataclasses import asdict
+
+    from megatron_fp8flow.benchmarks import grouped_gemm as bg
+
+    row = bg.GemmRow("fc1 fprop", 8, 32768, 4096, 7168, "triton", 2.0, 960.0, 1.5)
+    text = bg.render({"gpu": "x", "torch": "y", "rows": [asdict(row)]})
+    assert "| fc1 fprop | 8 | 32768 x 4096 x 7168 | triton | 2.000 | 960 | 1.500 |" in text

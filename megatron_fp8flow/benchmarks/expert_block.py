@@ -37,6 +37,7 @@ class BlockRow:
     fp8_weights_gb: float  # FP8 weight copies kept across the microbatches of a step
     floor_ms: float
     of_floor: float
+    gemm_backend: str = "auto"
 
 
 def group_sizes(experts: int, routing: str, align: int = 16, seed: int = 0) -> list:
@@ -58,10 +59,10 @@ def _fp8_cache_bytes(module: FP8FlowGroupedMLP) -> int:
 
 
 def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, hidden=HIDDEN, ffn=FFN,
-                reps: int = 10, warmup: int = 3) -> BlockRow:
+                reps: int = 10, warmup: int = 3, gemm_backend: str = "auto") -> BlockRow:
     sizes = group_sizes(experts, routing)
     m = sum(sizes)
-    cfg = ExpertPrecision(mode=mode, recompute_experts=recompute)
+    cfg = ExpertPrecision(mode=mode, recompute_experts=recompute, gemm_backend=gemm_backend)
     module = FP8FlowGroupedMLP(experts, hidden, ffn, cfg, dtype=torch.bfloat16, device=device)
     x = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
     probs = torch.rand(m, device=device)
@@ -108,10 +109,11 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     essential = m * hidden * 2 * 3 + experts * 3 * hidden * ffn * 2 * 2  # x, out, dx; weights + grads
     floor_ms = (flops / FP8_BLOCKWISE_FLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
     return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
-                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t)
+                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t, gemm_backend)
 
 
-def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed")) -> dict:
+def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed"),
+        gemm_backend: str = "auto") -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("the expert-block benchmark needs a CUDA GPU")
     device = torch.device("cuda")
@@ -120,8 +122,8 @@ def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("bala
     for experts in experts_list:
         for routing in routings:
             for mode in MODES:
-                rows.append(bench_block(mode, False, experts, routing, device))
-            rows.append(bench_block("flow", True, experts, routing, device))
+                rows.append(bench_block(mode, False, experts, routing, device, gemm_backend=gemm_backend))
+            rows.append(bench_block("flow", True, experts, routing, device, gemm_backend=gemm_backend))
     return save_result({**environment(device), "rows": [asdict(r) for r in rows]}, out_dir, "expert_block.json")
 
 

@@ -163,6 +163,13 @@ def locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS
     scale_row_offsets[g] <= bid. Blocks past the end get 0 rows, so a launch sized by an
     upper bound needs no host sync.
     """
+    _, row_start, rows = locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    return row_start, rows
+
+
+@triton.jit
+def locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2: tl.constexpr):
+    """:func:`locate_block` that also returns the group: (group, first row, rows in block)."""
     idx = tl.arange(0, GROUPS_P2)
     in_range = idx <= num_groups
     blk_offs = tl.load(scale_row_offsets_ptr + idx, mask=in_range, other=0x7FFFFFFF)
@@ -174,7 +181,7 @@ def locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS
     row_end = tl.sum(tl.where(idx == g + 1, row_offs, 0), axis=0)
     rows = tl.minimum(row_end - row_start, 128)
     rows = tl.where(bid < total_blocks, rows, 0)
-    return row_start, rows
+    return g, row_start, rows
 
 
 def groups_p2(num_groups: int) -> int:
