@@ -11,7 +11,8 @@ Backends: ``"cublas"`` calls ``torch._scaled_mm`` with blockwise scales once per
 group (Hopper, sm_90); ``"triton"`` runs all groups in one launch
 (:mod:`megatron_fp8flow.kernels.grouped_gemm`; any group sizes, tested under the Triton
 interpreter, not yet timed against cuBLAS); ``"emulated"`` dequantizes exactly and multiplies in fp32, the same
-function on any device (CPU CI). ``"auto"`` picks cuBLAS on sm_90 and emulation elsewhere.
+function on any device (CPU CI). ``"auto"`` picks cuBLAS on sm_90, Triton on other GPUs with FP8
+tensor cores (sm_89, sm_100+), emulation on CPU, and refuses older GPUs with a clear error.
 Group sizes are the padded sizes from the permutation; empty groups cost nothing.
 
 cuBLAS limits (measured on the H200 with PyTorch 2.11): every group's row count must be a
@@ -37,9 +38,17 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown GEMM backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        if device.type != "cuda":
+            return "emulated"
+        cap = torch.cuda.get_device_capability(device)
+        if cap[0] == 9:
             return "cublas"
-        return "emulated"
+        if cap >= (8, 9):  # Ada, Blackwell: FP8 tensor cores, no blockwise cuBLAS through PyTorch
+            return "triton"
+        raise RuntimeError(
+            f"FP8 expert GEMMs need a GPU with FP8 tensor cores (sm_89 or newer); this GPU is "
+            f"sm_{cap[0]}{cap[1]}. Use the 'bf16' precision mode, or backend='emulated' (slow, for testing)."
+        )
     if backend == "triton":
         from .kernels.fp8_common import check_launchable_device
 

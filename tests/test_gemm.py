@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_fp8flow import fp8, gemm
+from megatron_fp8flow.moe import ExpertPrecision
 
 from conftest import HAS_CUDA, make_activations
 
@@ -129,6 +130,8 @@ def test_gemm_errors():
         gemm.grouped_rowwise_gemm(a, _weights(128, 256, 2, 0), [32], backend="emulated")
     with pytest.raises(ValueError, match="unknown GEMM backend"):
         gemm.grouped_rowwise_gemm(a, _weights(128, 256, 1, 0), [32], backend="tensorcore")
+    with pytest.raises(ValueError, match="unknown gemm_backend"):
+        ExpertPrecision(gemm_backend="cutlass")
     if not HAS_CUDA:
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
             gemm.grouped_rowwise_gemm(a, _weights(128, 256, 1, 0), [32], backend="cublas")
@@ -188,3 +191,14 @@ def test_gemm_benchmark_render():
     row = bg.GemmRow("fc1 fprop", 8, 32768, 4096, 7168, "triton", 2.0, 960.0, 1.5)
     text = bg.render({"gpu": "x", "torch": "y", "rows": [asdict(row)]})
     assert "| fc1 fprop | 8 | 32768 x 4096 x 7168 | triton | 2.000 | 960 | 1.500 |" in text
+
+
+def test_auto_backend_by_device(monkeypatch):
+    """auto: emulation on CPU, cuBLAS on sm_90, Triton on other FP8 GPUs, a clear error before sm_89."""
+    assert gemm._resolve_backend("auto", torch.device("cpu")) == "emulated"
+    for cap, expected in (((9, 0), "cublas"), ((8, 9), "triton"), ((10, 0), "triton")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert gemm._resolve_backend("auto", torch.device("cuda")) == expected
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(RuntimeError, match=r"sm_89 or newer.*sm_80.*'bf16'"):
+        gemm._resolve_backend("auto", torch.device("cuda"))

@@ -63,6 +63,8 @@ class ExpertPrecision:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown expert precision mode {self.mode!r}; expected one of {MODES}")
+        if self.gemm_backend not in gemm.BACKENDS:
+            raise ValueError(f"unknown gemm_backend {self.gemm_backend!r}; expected one of {gemm.BACKENDS}")
         if self.sat_variant not in ("column", "tile"):
             raise ValueError(f"sat_variant must be 'column' or 'tile', got {self.sat_variant!r}")
         if self.recompute_experts and self.mode not in ("flow", "flow_double_quant"):
