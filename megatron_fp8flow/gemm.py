@@ -119,14 +119,32 @@ def _group_bounds(groups: GroupSplits) -> List[tuple]:
     return bounds
 
 
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[G, ...] over equal-shape tensors: a view when they already lie back to back in one buffer
+    (weights quantized into a stacked buffer), a copy otherwise."""
+    first = tensors[0]
+    step = first.numel()
+    if all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype
+           and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+           and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(tensors)):
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()))
+    return torch.stack(list(tensors))
+
+
 def grouped_rowwise_gemm(
     a: BlockwiseFP8Tensor,
     weights: Sequence[BlockwiseFP8Tensor],
     m_splits: SplitsLike,
     out_dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
+    transpose_weights: bool = False,
 ) -> torch.Tensor:
-    """``out[rows of g] = DQ(a[rows of g]) @ DQ(weights[g])^T``; returns [M, N] in ``out_dtype``."""
+    """``out[rows of g] = DQ(a[rows of g]) @ DQ(weights[g])^T``; returns [M, N] in ``out_dtype``.
+
+    ``transpose_weights=True`` multiplies by ``DQ(weights[g])`` instead (dgrad from the forward
+    weights): the same as passing ``[w.t() for w in weights]``, but the Triton backend reads the
+    transposed blocks in place instead of copying them.
+    """
     if a.layout != Layout.ROWWISE:
         raise ValueError(f"grouped_rowwise_gemm needs a 'rowwise' activation, got {a.layout.value!r}")
     m, k = a.shape
@@ -134,10 +152,11 @@ def grouped_rowwise_gemm(
     groups = GroupSplits.build(m_splits, m, a.device)
     if len(weights) != groups.num_groups:
         raise ValueError(f"{len(weights)} weights for {groups.num_groups} groups")
-    n = weights[0].shape[0] if weights else 0
+    n = weights[0].shape[1 if transpose_weights else 0] if weights else 0
+    want = (k, n) if transpose_weights else (n, k)
     for i, w in enumerate(weights):
-        if w.layout != Layout.WEIGHT or tuple(w.shape) != (n, k):
-            raise ValueError(f"weight {i} must be a 128x128 'weight' tensor of shape {(n, k)}, got {w!r}")
+        if w.layout != Layout.WEIGHT or tuple(w.shape) != want:
+            raise ValueError(f"weight {i} must be a 128x128 'weight' tensor of shape {want}, got {w!r}")
     _check_multiple("N", n)
     backend = _resolve_backend(backend, a.device)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -146,10 +165,14 @@ def grouped_rowwise_gemm(
 
         if not weights:
             return out
-        # One launch for all groups; the per-group weights are stacked here (a copy).
-        w_data = torch.stack([w.data for w in weights])
-        w_scale = torch.stack([w.scale_inv for w in weights])
+        # One launch for all groups over [G, N, K] views of the weights (no copy when they were
+        # quantized into one stacked buffer); transposed weights are the same view, strides swapped.
+        w_data, w_scale = _stacked([w.data for w in weights]), _stacked([w.scale_inv for w in weights])
+        if transpose_weights:
+            w_data, w_scale = w_data.transpose(1, 2), w_scale.transpose(1, 2)
         return grouped_gemm.grouped_rowwise_gemm(a.data, a.scale_inv, w_data, w_scale, groups, out)
+    if transpose_weights:
+        weights = [w.t() for w in weights]  # cuBLAS and the emulation take the exact transposed copies
     if backend == "emulated":
         x = ref.dequantize_rowwise(a.data, a.scale_inv)
         for (start, rows, _, _), w in zip(_group_bounds(groups), weights):

@@ -95,6 +95,15 @@ def test_triton_grouped_gemms_match_fp64(device):
                     + 2 * _fp32_bound(ad[rows], wd)).all()
             assert ((dx[rows].double() - dyd[rows] @ wd) .abs() <= _fp32_bound(dyd[rows], wd.t())).all()
         start += m
+    # dgrad straight from the forward weights: the transposed blocks are read in place.
+    dx_in_place = gemm.grouped_rowwise_gemm(dy, ws, SPLITS, out_dtype=torch.float32, backend="triton",
+                                            transpose_weights=True).cpu()
+    start = 0
+    for m, w in zip(SPLITS, ws):  # same bound as dx (the GPU may order the products differently)
+        if m:
+            wd, rows = w.dequantize().cpu().double(), slice(start, start + m)
+            assert ((dx_in_place[rows].double() - dyd[rows] @ wd).abs() <= _fp32_bound(dyd[rows], wd.t())).all()
+        start += m
     g_col = fp8.scaling_aware_transpose(dy, SPLITS)
     x_col = fp8.scaling_aware_transpose(a, SPLITS)
     gd, xd = g_col.dequantize().cpu().double(), x_col.dequantize().cpu().double()
@@ -119,6 +128,30 @@ def test_triton_grouped_gemms_match_fp64(device):
     grouped_gemm.grouped_wgrad(g_col.data, g_col.scale_inv, x_col.data, x_col.scale_inv, g_col.groups, stacked, True)
     for i, acc in enumerate(accumulated):
         assert (stacked[i].cpu().double() - acc.cpu().double()).abs().le(2.0**-20 * acc.abs().cpu().double()).all()
+
+
+def test_weights_stacked_in_place_and_transposed_flag():
+    """Weights quantized into one stacked buffer are used as a view (no copy); separate ones are
+    stacked by a copy; transpose_weights equals passing the exact transposed copies."""
+    ws = _weights(N, K, 3, seed=40)
+    data = torch.empty(3, N, K, dtype=fp8.FP8_DTYPE)
+    scale = torch.empty(3, N // 128, K // 128)
+    into = [fp8.quantize_weight(w.dequantize(), out=(data[i], scale[i]), backend="reference")
+            for i, w in enumerate(ws)]
+    view = gemm._stacked([w.data for w in into])
+    assert view.data_ptr() == data.data_ptr() and torch.equal(view.view(torch.uint8), data.view(torch.uint8))
+    copied = gemm._stacked([w.data for w in ws])
+    assert copied.data_ptr() != ws[0].data.data_ptr() and torch.equal(copied.view(torch.uint8), view.view(torch.uint8))
+    a = fp8.quantize(make_activations(64, N, seed=41), backend="reference")
+    flag = gemm.grouped_rowwise_gemm(a, into, [16, 0, 48], out_dtype=torch.float32, backend="emulated",
+                                     transpose_weights=True)
+    explicit = gemm.grouped_rowwise_gemm(a, [w.t() for w in into], [16, 0, 48], out_dtype=torch.float32,
+                                         backend="emulated")
+    assert torch.equal(flag, explicit)
+    with pytest.raises(ValueError, match=r"shape \(384, 384\)"):
+        gemm.grouped_rowwise_gemm(a, ws, [16, 0, 48], backend="emulated", transpose_weights=False)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        fp8.quantize_weight(ws[0].dequantize(), out=(data[0], scale[0].t()), backend="reference")
 
 
 def test_gemm_errors():

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import torch
 
 from . import reference as ref
-from .format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike, cdiv
+from .format import BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike, cdiv
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
@@ -143,23 +143,34 @@ def _pad_scale_rows(scale_t: torch.Tensor, groups: GroupSplits) -> torch.Tensor:
 
 
 def quantize_weight(
-    w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"
+    w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto", out=None
 ) -> BlockwiseFP8Tensor:
     """Quantize a weight [N, K] with 128x128 blocks: data [N, K], scale_inv [ceil(N/128), ceil(K/128)].
 
     Same element semantics as :func:`quantize`. ``.t()`` of the result is the exact
-    transposed copy used by dgrad GEMMs.
+    transposed copy used by dgrad GEMMs. ``out=(data, scale_inv)`` writes into given contiguous
+    buffers (one expert's slice of stacked weights) instead of fresh ones.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D [N, K] tensor, got {getattr(w, 'shape', w)!r}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"quantize_weight expects bf16, fp16 or fp32 input, got {w.dtype}")
+    if out is not None:
+        n, k = w.shape
+        want = ((n, k), FP8_DTYPE), ((cdiv(n, BLOCK), cdiv(k, BLOCK)), torch.float32)
+        if any(t.shape != shape or t.dtype != dt or not t.is_contiguous() for t, (shape, dt) in zip(out, want)):
+            raise ValueError(
+                f"out must be contiguous (e4m3 {list(want[0][0])}, float32 {list(want[1][0])}), got "
+                f"{[(t.dtype, tuple(t.shape)) for t in out]}"
+            )
     if _use_triton(w.device, backend):
         from ..kernels.quantize_weight import quantize_weight as kernel
 
-        data, scale, _, _ = kernel(w, pow2_scales)
+        data, scale, _, _ = kernel(w, pow2_scales, out=out)
     else:
         data, scale = ref.quantize_weight(w, pow2_scales)
+        if out is not None:
+            data, scale = out[0].copy_(data), out[1].copy_(scale)
     return BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, tuple(w.shape), pow2_scales)
 
 

@@ -40,8 +40,12 @@ def _quantize_weight_kernel(
         tl.store(st_ptr + pid_k * num_nb + pid_n, s)
 
 
-def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False):
-    """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None)."""
+def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None):
+    """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None).
+
+    ``out=(data, scale_inv)``: contiguous buffers to write into (e.g. one expert's slice of a
+    stacked weight buffer) instead of fresh ones.
+    """
     if w.dim() != 2:
         raise ValueError(f"weight quantization expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -51,8 +55,11 @@ def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: b
     n, k = w.shape
     num_nb, num_kb = cdiv(n, BLOCK), cdiv(k, BLOCK)
     dev = w.device
-    data = torch.empty(n, k, dtype=FP8_DTYPE, device=dev)
-    scale = torch.empty(num_nb, num_kb, dtype=torch.float32, device=dev)
+    if out is None:
+        data = torch.empty(n, k, dtype=FP8_DTYPE, device=dev)
+        scale = torch.empty(num_nb, num_kb, dtype=torch.float32, device=dev)
+    else:
+        data, scale = out  # checked by fp8.quantize_weight
     data_t = scale_t = None
     if with_transpose:
         data_t = torch.empty(k, n, dtype=FP8_DTYPE, device=dev)

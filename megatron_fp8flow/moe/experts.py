@@ -162,7 +162,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
         else:
             d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout)
             d_col = _colwise(d_row, groups, cfg)
-        dh = gemm.grouped_rowwise_gemm(d_row, [w.t() for w in w2_8], groups, backend=be)
+        dh = gemm.grouped_rowwise_gemm(d_row, w2_8, groups, backend=be, transpose_weights=True)
         if cfg.mode != "blockwise":
             h_col = _colwise(h_saved, groups, cfg)
         # Gradients come out in the parameters' dtype (one write, no fp32 copy for bf16 weights).
@@ -176,7 +176,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
             dy1_col = _colwise(dy1_row, groups, cfg)
             x_col = _colwise(x_saved, groups, cfg)
-        dx = gemm.grouped_rowwise_gemm(dy1_row, [w.t() for w in w1_8], groups, backend=be)
+        dx = gemm.grouped_rowwise_gemm(dy1_row, w1_8, groups, backend=be, transpose_weights=True)
         dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be, out_dtype=wgrad_dtype)
         dtypes = ctx.w_dtypes
         grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
@@ -184,10 +184,18 @@ class _ExpertMLPFunction(torch.autograd.Function):
 
 
 def _quantize_weights(weights, num_experts: int):
-    """128x128 FP8 copies of the fc1 and fc2 weights: (fc1 list, fc2 list)."""
+    """128x128 FP8 copies of the fc1 and fc2 weights: (fc1 list, fc2 list). Each list lies in one
+    stacked buffer, so a single-launch grouped GEMM reads it without another copy."""
+    def stacked(ws):
+        if not ws:
+            return []
+        n, k = ws[0].shape
+        data = torch.empty(len(ws), n, k, dtype=fp8.FP8_DTYPE, device=ws[0].device)
+        scale = torch.empty(len(ws), -(-n // 128), -(-k // 128), dtype=torch.float32, device=ws[0].device)
+        return [fp8.quantize_weight(w.detach(), out=(data[i], scale[i])) for i, w in enumerate(ws)]
+
     with torch.no_grad():
-        q = [fp8.quantize_weight(w.detach()) for w in weights]
-    return q[:num_experts], q[num_experts:]
+        return stacked(weights[:num_experts]), stacked(weights[num_experts:])
 
 
 def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
