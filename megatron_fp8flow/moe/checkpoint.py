@@ -17,19 +17,16 @@ _GROUPED = re.compile(r"^(?P<pre>.*?)linear_fc(?P<fc>[12])\.weight(?P<i>\d+)$")
 _SEQUENTIAL = re.compile(r"^(?P<pre>.*?)local_experts\.(?P<i>\d+)\.linear_fc(?P<fc>[12])\.weight$")
 
 
+def _rename(state: Dict[str, torch.Tensor], pattern: re.Pattern, new_key: str) -> Dict[str, torch.Tensor]:
+    """Keys matching ``pattern`` become ``new_key`` formatted with its groups; others and all values stay."""
+    return {(new_key.format(**m.groupdict()) if (m := pattern.match(k)) else k): v for k, v in state.items()}
+
+
 def grouped_to_sequential(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``...linear_fc1.weight3`` -> ``...local_experts.3.linear_fc1.weight``; other keys unchanged."""
-    out = {}
-    for k, v in state.items():
-        m = _GROUPED.match(k)
-        out[f"{m['pre']}local_experts.{m['i']}.linear_fc{m['fc']}.weight" if m else k] = v
-    return out
+    return _rename(state, _GROUPED, "{pre}local_experts.{i}.linear_fc{fc}.weight")
 
 
 def sequential_to_grouped(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``...local_experts.3.linear_fc1.weight`` -> ``...linear_fc1.weight3``; other keys unchanged."""
-    out = {}
-    for k, v in state.items():
-        m = _SEQUENTIAL.match(k)
-        out[f"{m['pre']}linear_fc{m['fc']}.weight{m['i']}" if m else k] = v
-    return out
+    return _rename(state, _SEQUENTIAL, "{pre}linear_fc{fc}.weight{i}")
