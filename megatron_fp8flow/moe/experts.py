@@ -31,7 +31,6 @@ cuBLAS path is tested against the emulation on the H200).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
@@ -71,16 +70,14 @@ class ExpertPrecision:
             raise ValueError(f"recompute_experts is implemented for the FP8 flow modes, not {self.mode!r}")
 
 
-def _group_ends(sizes: List[int], device) -> torch.Tensor:
-    """Cumulative row ends of the groups, the ``offs`` of ``torch._grouped_mm``."""
-    return torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=device)
-
-
-def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], ends: torch.Tensor) -> torch.Tensor:
-    """out[g] = a[g] @ w[g]^T in bf16 (fp32 accumulate): one grouped GEMM for all experts."""
+def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], ends: torch.Tensor, transpose: bool = True):
+    """out[g] = a[g] @ w[g]^T (``transpose=False``: a[g] @ w[g]) in bf16 with fp32 accumulate, one
+    grouped GEMM for all experts; ``ends`` are the groups' cumulative row ends on the device."""
+    stacked = torch.stack([w.bfloat16() for w in weights])
+    b = stacked.transpose(-2, -1) if transpose else stacked
     if a.shape[0] == 0:
-        return a.new_empty(0, weights[0].shape[0])
-    return torch._grouped_mm(a, torch.stack(list(weights)).transpose(-2, -1), offs=ends)
+        return a.new_empty(0, b.shape[-1])
+    return torch._grouped_mm(a, b, offs=ends)
 
 
 def _bf16_wgrad(g: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, like: Sequence[torch.Tensor]):
@@ -95,17 +92,16 @@ class _ExpertMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, probs, cfg: ExpertPrecision, groups: GroupSplits, num_experts: int, fp8_weights, *weights):
         w1, w2 = weights[:num_experts], weights[num_experts:]
-        sizes = groups.host_sizes()
         ctx.cfg, ctx.groups, ctx.num_experts = cfg, groups, num_experts
         ctx.w_dtypes = [w.dtype for w in weights]
         x8 = fp8_payload(x)
         probs = probs.float()
         if cfg.mode == "bf16":
             xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
-            ends = _group_ends(sizes, xb.device)
-            y1 = _bf16_grouped(xb, [w.bfloat16() for w in w1], ends)
+            ends = groups.row_offsets[1:]
+            y1 = _bf16_grouped(xb, w1, ends)
             _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
-            out = _bf16_grouped(h, [w.bfloat16() for w in w2], ends)
+            out = _bf16_grouped(h, w2, ends)
             ctx.save_for_backward(xb, y1, h, probs, ends, *weights)
             return out
         w1_8, w2_8 = fp8_weights if fp8_weights is not None else _quantize_weights(weights, num_experts)
@@ -140,10 +136,10 @@ class _ExpertMLPFunction(torch.autograd.Function):
             w1, w2 = weights[:e], weights[e:]
             d = dout.bfloat16() if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
             d = d.contiguous()
-            dh = _bf16_grouped(d, [w.bfloat16().t() for w in w2], ends)
+            dh = _bf16_grouped(d, w2, ends, transpose=False)
             dw2 = _bf16_wgrad(d, h, ends, w2)
             dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
-            dx = _bf16_grouped(dy1, [w.bfloat16().t() for w in w1], ends)
+            dx = _bf16_grouped(dy1, w1, ends, transpose=False)
             dw1 = _bf16_wgrad(dy1, xb, ends, w1)
             return (dx, dprobs, None, None, None, None, *dw1, *dw2)
 
