@@ -50,7 +50,7 @@ def _cmd_bench(args) -> int:
     elif args.which == "gemm":
         from .benchmarks import grouped_gemm
 
-        print(grouped_gemm.render(grouped_gemm.run(out_dir=args.out)))
+        print(grouped_gemm.render(grouped_gemm.run(out_dir=args.out, sweep=args.sweep)))
     return 0
 
 

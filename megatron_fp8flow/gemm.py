@@ -119,7 +119,7 @@ def _group_bounds(groups: GroupSplits) -> List[tuple]:
     return bounds
 
 
-def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def stacked_view_or_copy(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """[G, ...] over equal-shape tensors: a view when they already lie back to back in one buffer
     (weights quantized into a stacked buffer), a copy otherwise."""
     first = tensors[0]
@@ -167,7 +167,8 @@ def grouped_rowwise_gemm(
             return out
         # One launch for all groups over [G, N, K] views of the weights (no copy when they were
         # quantized into one stacked buffer); transposed weights are the same view, strides swapped.
-        w_data, w_scale = _stacked([w.data for w in weights]), _stacked([w.scale_inv for w in weights])
+        w_data = stacked_view_or_copy([w.data for w in weights])
+        w_scale = stacked_view_or_copy([w.scale_inv for w in weights])
         if transpose_weights:
             w_data, w_scale = w_data.transpose(1, 2), w_scale.transpose(1, 2)
         return grouped_gemm.grouped_rowwise_gemm(a.data, a.scale_inv, w_data, w_scale, groups, out)

@@ -121,6 +121,26 @@ def test_checkpoint_keys_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), module.parameters()))
 
 
+def test_parameters_share_one_stacked_buffer():
+    """Each linear's expert weights are views of one [E, N, K] buffer (the grouped GEMMs read it
+    without a copy), and loading a state dict keeps them so."""
+    from megatron_fp8flow import gemm
+
+    module = FP8FlowGroupedMLP(len(SPLITS), H, F, ExpertPrecision(mode="bf16"), device=DEV)
+    other = FP8FlowGroupedMLP(len(SPLITS), H, F, ExpertPrecision(mode="bf16"), device=DEV)
+    other.load_state_dict(module.state_dict())
+    for lin in (other.linear_fc1, other.linear_fc2):
+        ws = lin.weights()
+        view = gemm.stacked_view_or_copy(ws)
+        assert view.data_ptr() == ws[0].data_ptr() and view.shape[0] == len(SPLITS)
+        assert all(torch.equal(view[i], w) for i, w in enumerate(ws))
+    # A weight moved elsewhere (as a data-parallel wrapper does) is stacked by copy, same values.
+    ws = other.linear_fc1.weights()
+    ws[2].data = ws[2].data.clone()
+    copy = gemm.stacked_view_or_copy(ws)
+    assert copy.data_ptr() != ws[0].data_ptr() and all(torch.equal(copy[i], w) for i, w in enumerate(ws))
+
+
 def test_expert_errors():
     with pytest.raises(ValueError, match="hidden_size % 128 == 0"):
         FP8FlowGroupedMLP(2, 100, 128)

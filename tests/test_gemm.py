@@ -130,6 +130,29 @@ def test_triton_grouped_gemms_match_fp64(device):
         assert (stacked[i].cpu().double() - acc.cpu().double()).abs().le(2.0**-20 * acc.abs().cpu().double()).all()
 
 
+@pytest.mark.parametrize("block_n, num_warps", [(64, 4), (256, 8)])
+def test_triton_rowwise_tile_widths(device, block_n, num_warps):
+    """Other tile widths of the row-wise kernel: 256 columns span two weight scale blocks, and
+    N = 384 leaves the last tile half masked. Same fp32 bound as the default tiles."""
+    from megatron_fp8flow.fp8.format import GroupSplits
+    from megatron_fp8flow.kernels import grouped_gemm
+
+    a = fp8.quantize(make_activations(sum(SPLITS), K, "heavy", seed=41).to(device))
+    ws = [fp8.quantize_weight(w.to(device)) for w in
+          (make_activations(N, K, "outlier", seed=50 + i) for i in range(len(SPLITS)))]
+    out = torch.empty(sum(SPLITS), N, dtype=torch.float32, device=device)
+    grouped_gemm.grouped_rowwise_gemm(a.data, a.scale_inv, torch.stack([w.data for w in ws]),
+                                      torch.stack([w.scale_inv for w in ws]),
+                                      GroupSplits.build(SPLITS, sum(SPLITS), device), out,
+                                      block_n=block_n, num_warps=num_warps)
+    ad, start = a.dequantize().cpu().double(), 0
+    for m, w in zip(SPLITS, ws):
+        if m:
+            wd, rows = w.dequantize().cpu().double(), slice(start, start + m)
+            assert ((out[rows].cpu().double() - ad[rows] @ wd.t()).abs() <= _fp32_bound(ad[rows], wd)).all()
+        start += m
+
+
 def test_weights_stacked_in_place_and_transposed_flag():
     """Weights quantized into one stacked buffer are used as a view (no copy); separate ones are
     stacked by a copy; transpose_weights equals passing the exact transposed copies."""
@@ -138,9 +161,9 @@ def test_weights_stacked_in_place_and_transposed_flag():
     scale = torch.empty(3, N // 128, K // 128)
     into = [fp8.quantize_weight(w.dequantize(), out=(data[i], scale[i]), backend="reference")
             for i, w in enumerate(ws)]
-    view = gemm._stacked([w.data for w in into])
+    view = gemm.stacked_view_or_copy([w.data for w in into])
     assert view.data_ptr() == data.data_ptr() and torch.equal(view.view(torch.uint8), data.view(torch.uint8))
-    copied = gemm._stacked([w.data for w in ws])
+    copied = gemm.stacked_view_or_copy([w.data for w in ws])
     assert copied.data_ptr() != ws[0].data.data_ptr() and torch.equal(copied.view(torch.uint8), view.view(torch.uint8))
     a = fp8.quantize(make_activations(64, N, seed=41), backend="reference")
     flag = gemm.grouped_rowwise_gemm(a, into, [16, 0, 48], out_dtype=torch.float32, backend="emulated",

@@ -10,6 +10,7 @@ weight copies kept across microbatches, and the floor
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -38,6 +39,7 @@ class BlockRow:
     floor_ms: float
     of_floor: float
     gemm_backend: str = "auto"
+    host_ms: float = 0.0  # CPU time to issue one step's kernels; near step_ms means host-bound
 
 
 def group_sizes(experts: int, routing: str, align: int = 16, seed: int = 0) -> list:
@@ -96,11 +98,13 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     del inp, out
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated(device) - before
-    times = []
+    times, host = [], []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         step()
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -109,7 +113,8 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     essential = m * hidden * 2 * 3 + experts * 3 * hidden * ffn * 2 * 2  # x, out, dx; weights + grads
     floor_ms = (flops / FP8_BLOCKWISE_FLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
     return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
-                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t, gemm_backend)
+                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t, gemm_backend,
+                    sorted(host)[len(host) // 2])
 
 
 def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed"),
@@ -131,14 +136,14 @@ def render(result: dict) -> str:
     lines = [
         f"GPU: {result['gpu']}, torch {result['torch']}; hidden {HIDDEN}, moe_ffn {FFN}, top-{TOPK}, {TOKENS} tokens",
         "",
-        "| experts | routing | mode | recompute | rows | step ms | TFLOP/s | held GB | peak GB | FP8 weights GB | "
-        "floor ms | floor / time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| experts | routing | mode | recompute | rows | step ms | host ms | TFLOP/s | held GB | peak GB | "
+        "FP8 weights GB | floor ms | floor / time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['experts']} | {r['routing']} | {r['mode']} | {'yes' if r['recompute'] else 'no'} | {r['rows']} | "
-            f"{r['step_ms']:.3f} | {r['tflops']:.0f} | {r['held_gb']:.2f} | {r['peak_gb']:.2f} | "
+            f"{r['step_ms']:.3f} | {r.get('host_ms', 0.0):.2f} | {r['tflops']:.0f} | {r['held_gb']:.2f} | {r['peak_gb']:.2f} | "
             f"{r.get('fp8_weights_gb', 0.0):.2f} | "
             f"{r['floor_ms']:.3f} | {100 * r['of_floor']:.0f}% |"
         )

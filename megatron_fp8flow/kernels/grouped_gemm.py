@@ -48,14 +48,15 @@ def _grouped_rowwise_kernel(
         a_ptrs = a_ptr + r64[:, None] * stride_am + offs_k[None, :]
         w_base = w_ptr + g.to(tl.int64) * stride_wg
         w_ptrs = w_base + cols_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
-        ws_base = ws_ptr + g * stride_wsg + (pid_n * BLOCK_N // 128) * stride_wsn
+        # Each column's weight scale block (a tile of 256 columns spans two).
+        ws_ptrs = ws_ptr + g * stride_wsg + (cols_n // 128) * stride_wsn
         acc = tl.zeros([128, BLOCK_N], dtype=tl.float32)
         for kb in tl.range(0, NUM_KB, num_stages=NUM_STAGES):
             a = tl.load(a_ptrs + kb * 128, mask=row_ok[:, None], other=0.0)
             w = tl.load(w_ptrs + kb * 128 * stride_wk, mask=n_ok[:, None], other=0.0)
             sa = tl.load(as_ptr + r64 * stride_asm + kb, mask=row_ok, other=0.0)
-            sw = tl.load(ws_base + kb * stride_wsk)
-            acc += tl.dot(a, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * sw)
+            sw = tl.load(ws_ptrs + kb * stride_wsk, mask=n_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(w), out_dtype=tl.float32) * (sa[:, None] * sw[None, :])
         out = to_output_dtype(acc, out_ptr.dtype.element_ty, EXACT_BF16)
         tl.store(out_ptr + r64[:, None] * stride_om + cols_n[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
 
@@ -129,8 +130,8 @@ def grouped_rowwise_gemm(
     transposed copies of weights laid side by side are a strided view of this form).
     """
     check_launchable(a_data, w_data, out)
-    if block_n not in (32, 64, 128):
-        raise ValueError(f"block_n must be 32, 64 or 128 (a tile must not span two weight scale blocks), got {block_n}")
+    if block_n not in (32, 64, 128, 256):
+        raise ValueError(f"block_n must be 32, 64, 128 or 256, got {block_n}")
     m, k = a_data.shape
     n = w_data.shape[1]
     if m == 0 or n == 0:

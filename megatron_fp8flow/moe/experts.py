@@ -73,7 +73,7 @@ class ExpertPrecision:
 def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], ends: torch.Tensor, transpose: bool = True):
     """out[g] = a[g] @ w[g]^T (``transpose=False``: a[g] @ w[g]) in bf16 with fp32 accumulate, one
     grouped GEMM for all experts; ``ends`` are the groups' cumulative row ends on the device."""
-    stacked = torch.stack([w.bfloat16() for w in weights])
+    stacked = gemm.stacked_view_or_copy([w.bfloat16() for w in weights])
     b = stacked.transpose(-2, -1) if transpose else stacked
     if a.shape[0] == 0:
         return a.new_empty(0, b.shape[-1])
@@ -211,12 +211,17 @@ def _colwise(t: BlockwiseFP8Tensor, groups: GroupSplits, cfg: ExpertPrecision) -
 
 
 class _WeightList(nn.Module):
-    """Holds ``weight0 .. weight{E-1}`` like TE's grouped linear layers."""
+    """Holds ``weight0 .. weight{E-1}`` like TE's grouped linear layers.
 
-    def __init__(self, shapes, dtype, device):
+    The parameters are views of one stacked [E, N, K] buffer, so the grouped GEMMs read them as
+    one tensor without a copy. Anything that re-points ``param.data`` elsewhere (Megatron's DDP
+    moves parameters into its own buffer) still works: the GEMMs then stack a copy."""
+
+    def __init__(self, num: int, shape, dtype, device):
         super().__init__()
-        for i, shape in enumerate(shapes):
-            self.register_parameter(f"weight{i}", nn.Parameter(torch.empty(shape, dtype=dtype, device=device)))
+        storage = torch.empty(num, *shape, dtype=dtype, device=device)
+        for i in range(num):
+            self.register_parameter(f"weight{i}", nn.Parameter(storage[i]))
 
     def weights(self) -> List[nn.Parameter]:
         return [getattr(self, f"weight{i}") for i in range(len(self._parameters))]
@@ -234,8 +239,8 @@ class FP8FlowGroupedMLP(nn.Module):
                 raise ValueError(f"FP8 expert GEMMs need {name} % 128 == 0, got {v}")
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
         self.precision = precision
-        self.linear_fc1 = _WeightList([(2 * ffn_hidden_size, hidden_size)] * num_experts, dtype, device)
-        self.linear_fc2 = _WeightList([(hidden_size, ffn_hidden_size)] * num_experts, dtype, device)
+        self.linear_fc1 = _WeightList(num_experts, (2 * ffn_hidden_size, hidden_size), dtype, device)
+        self.linear_fc2 = _WeightList(num_experts, (hidden_size, ffn_hidden_size), dtype, device)
         for w in self.linear_fc1.weights() + self.linear_fc2.weights():
             nn.init.normal_(w, std=init_std)
         self._fp8_cache = None  # (weight versions, (fc1 FP8 list, fc2 FP8 list)); see is_first_microbatch
