@@ -34,7 +34,8 @@ from .fp8.format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLi
 BACKENDS = ("auto", "cublas", "triton", "emulated")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that ``backend`` means on ``device`` (``auto`` resolved), or a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown GEMM backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
@@ -158,7 +159,7 @@ def grouped_rowwise_gemm(
         if w.layout != Layout.WEIGHT or tuple(w.shape) != want:
             raise ValueError(f"weight {i} must be a 128x128 'weight' tensor of shape {want}, got {w!r}")
     _check_multiple("N", n)
-    backend = _resolve_backend(backend, a.device)
+    backend = resolve_backend(backend, a.device)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if backend == "triton":
         from .kernels import grouped_gemm
@@ -224,7 +225,7 @@ def grouped_wgrad(
         raise ValueError("grad and x must be split into the same groups")
     _check_multiple("N", n)
     _check_multiple("K", k)
-    backend = _resolve_backend(backend, grad_col.device)
+    backend = resolve_backend(backend, grad_col.device)
     dev = grad_col.device
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"grouped_wgrad writes fp32 or bf16, got {out_dtype}")

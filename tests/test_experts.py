@@ -232,6 +232,14 @@ def test_fp8_weight_cache_across_microbatches(monkeypatch):
         out.backward(dout)
         assert torch.equal(out, plain[0]) and torch.equal(xr.grad, plain[1])
     assert len(calls) == 2 * n  # quantized for True, reused for False
+    # The transposed copies the dgrad takes (cuBLAS, emulation) are exact and made once per step.
+    cached = module._fp8_cache[1]
+    fc1_t = cached.transposed("fc1")
+    assert fc1_t is cached.transposed("fc1")
+    for w, wt in zip(cached.fc1, fc1_t):
+        ref = w.t()
+        assert torch.equal(wt.data.view(torch.uint8), ref.data.view(torch.uint8))
+        assert torch.equal(wt.scale_inv, ref.scale_inv) and wt.shape == ref.shape
     with torch.no_grad():
         module.linear_fc1.weight1.mul_(2.0)  # an optimizer step the caller did not announce
     stale_checked = module(x, SPLITS, probs, is_first_microbatch=False)

@@ -57,7 +57,7 @@ def group_sizes(experts: int, routing: str, align: int = 16, seed: int = 0) -> l
 def _fp8_cache_bytes(module: FP8FlowGroupedMLP) -> int:
     if module._fp8_cache is None:
         return 0
-    return sum(q.data.nbytes + q.scale_inv.nbytes for ws in module._fp8_cache[1] for q in ws)
+    return sum(q.data.nbytes + q.scale_inv.nbytes for q in module._fp8_cache[1].tensors())
 
 
 def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, hidden=HIDDEN, ffn=FFN,

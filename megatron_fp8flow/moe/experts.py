@@ -104,7 +104,8 @@ class _ExpertMLPFunction(torch.autograd.Function):
             out = _bf16_grouped(h, w2, ends)
             ctx.save_for_backward(xb, y1, h, probs, ends, *weights)
             return out
-        w1_8, w2_8 = fp8_weights if fp8_weights is not None else _quantize_weights(weights, num_experts)
+        fw = fp8_weights if fp8_weights is not None else _quantize_weights(weights, num_experts)
+        w1_8, w2_8 = fw.fc1, fw.fc2
         ctx.fp8_weights = fp8_weights
         be = cfg.gemm_backend
         if cfg.mode == "blockwise":
@@ -114,17 +115,17 @@ class _ExpertMLPFunction(torch.autograd.Function):
             _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
             h_row, h_col = fp8.quantize_row_and_col(h, groups)
             out = gemm.grouped_rowwise_gemm(h_row, w2_8, groups, backend=be)
-            ctx.saved = (x_col, h_col, w1_8, w2_8)
+            ctx.saved = (x_col, h_col, fw)
             ctx.save_for_backward(y1, probs)
             return out
         if x8 is None:
             x8 = fp8.quantize(x)
         y1, h8, out = _flow_forward(x8, probs, w1_8, w2_8, groups, be)
         if cfg.recompute_experts:
-            ctx.saved = (x8, None, None, None)
+            ctx.saved = (x8, None, None)
             ctx.save_for_backward(probs, *weights)
         else:
-            ctx.saved = (x8, h8, w1_8, w2_8)
+            ctx.saved = (x8, h8, fw)
             ctx.save_for_backward(y1, probs)
         return out
 
@@ -144,11 +145,11 @@ class _ExpertMLPFunction(torch.autograd.Function):
             return (dx, dprobs, None, None, None, None, *dw1, *dw2)
 
         be = cfg.gemm_backend
-        x_saved, h_saved, w1_8, w2_8 = ctx.saved
+        x_saved, h_saved, fw = ctx.saved
         if cfg.recompute_experts:
             probs, *weights = ctx.saved_tensors
-            w1_8, w2_8 = ctx.fp8_weights if ctx.fp8_weights is not None else _quantize_weights(weights, e)
-            y1, h_saved, _ = _flow_forward(x_saved, probs, w1_8, w2_8, groups, be, need_output=False)
+            fw = ctx.fp8_weights if ctx.fp8_weights is not None else _quantize_weights(weights, e)
+            y1, h_saved, _ = _flow_forward(x_saved, probs, fw.fc1, fw.fc2, groups, be, need_output=False)
         else:
             y1, probs = ctx.saved_tensors
         if cfg.mode == "blockwise":
@@ -158,7 +159,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
         else:
             d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout)
             d_col = _colwise(d_row, groups, cfg)
-        dh = gemm.grouped_rowwise_gemm(d_row, w2_8, groups, backend=be, transpose_weights=True)
+        dh = _dgrad(d_row, fw, "fc2", groups, be)
         if cfg.mode != "blockwise":
             h_col = _colwise(h_saved, groups, cfg)
         # Gradients come out in the parameters' dtype (one write, no fp32 copy for bf16 weights).
@@ -172,16 +173,49 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
             dy1_col = _colwise(dy1_row, groups, cfg)
             x_col = _colwise(x_saved, groups, cfg)
-        dx = gemm.grouped_rowwise_gemm(dy1_row, w1_8, groups, backend=be, transpose_weights=True)
+        dx = _dgrad(dy1_row, fw, "fc1", groups, be)
         dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be, out_dtype=wgrad_dtype)
         dtypes = ctx.w_dtypes
         grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
         return (dx, dprobs, None, None, None, None, *grads)
 
 
-def _quantize_weights(weights, num_experts: int):
-    """128x128 FP8 copies of the fc1 and fc2 weights: (fc1 list, fc2 list). Each list lies in one
-    stacked buffer, so a single-launch grouped GEMM reads it without another copy."""
+class _FP8Weights:
+    """The 128x128 FP8 copies of the expert weights used by one call (or, cached, by all the
+    microbatches of a step): ``fc1`` and ``fc2`` lists, each in one stacked buffer so a
+    single-launch grouped GEMM reads it without another copy. cuBLAS cannot read an FP8 operand
+    transposed, so its dgrad needs transposed copies: made on first use (one copy kernel per
+    linear) and kept with the others, so a cached set pays for them once per step."""
+
+    def __init__(self, fc1: List[BlockwiseFP8Tensor], fc2: List[BlockwiseFP8Tensor]):
+        self.fc1, self.fc2 = fc1, fc2
+        self._transposed = {}
+
+    def transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
+        if which not in self._transposed:
+            ws = getattr(self, which)
+            data = gemm.stacked_view_or_copy([w.data for w in ws]).transpose(1, 2).contiguous()
+            scale = gemm.stacked_view_or_copy([w.scale_inv for w in ws]).transpose(1, 2).contiguous()
+            self._transposed[which] = [
+                BlockwiseFP8Tensor(data[i], scale[i], fp8.Layout.WEIGHT, (w.shape[1], w.shape[0]), w.pow2_scales)
+                for i, w in enumerate(ws)
+            ]
+        return self._transposed[which]
+
+    def tensors(self) -> List[BlockwiseFP8Tensor]:
+        return self.fc1 + self.fc2 + [w for ws in self._transposed.values() for w in ws]
+
+
+def _dgrad(grad: BlockwiseFP8Tensor, fw: _FP8Weights, which: str, groups: GroupSplits, backend: str):
+    """grad @ W for every group: Triton reads the forward weights transposed in place, cuBLAS and
+    the emulation take the transposed copies."""
+    if not getattr(fw, which) or gemm.resolve_backend(backend, grad.device) == "triton":
+        return gemm.grouped_rowwise_gemm(grad, getattr(fw, which), groups, backend=backend, transpose_weights=True)
+    return gemm.grouped_rowwise_gemm(grad, fw.transposed(which), groups, backend=backend)
+
+
+def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
+    """128x128 FP8 copies of the fc1 and fc2 weights, each linear's in one stacked buffer."""
     def stacked(ws):
         if not ws:
             return []
@@ -191,7 +225,7 @@ def _quantize_weights(weights, num_experts: int):
         return [fp8.quantize_weight(w.detach(), out=(data[i], scale[i])) for i, w in enumerate(ws)]
 
     with torch.no_grad():
-        return stacked(weights[:num_experts]), stacked(weights[num_experts:])
+        return _FP8Weights(stacked(weights[:num_experts]), stacked(weights[num_experts:]))
 
 
 def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
@@ -243,7 +277,7 @@ class FP8FlowGroupedMLP(nn.Module):
         self.linear_fc2 = _WeightList(num_experts, (hidden_size, ffn_hidden_size), dtype, device)
         for w in self.linear_fc1.weights() + self.linear_fc2.weights():
             nn.init.normal_(w, std=init_std)
-        self._fp8_cache = None  # (weight versions, (fc1 FP8 list, fc2 FP8 list)); see is_first_microbatch
+        self._fp8_cache = None  # (weight versions, _FP8Weights); see is_first_microbatch
 
     def forward(self, tokens: Union[torch.Tensor, FP8Activation], tokens_per_expert, probs: torch.Tensor,
                 is_first_microbatch: Optional[bool] = None):
