@@ -81,17 +81,42 @@ def _check_cublas_groups(bounds: List[tuple]) -> None:
             )
 
 
-def _cublas_weight_scale(w: BlockwiseFP8Tensor) -> torch.Tensor:
-    """The 128x128 scales of ``w.data.t()`` as ``torch._scaled_mm`` takes them: [K/128, N/128],
-    column stride K/128 rounded up to 4 floats (16 bytes), as PyTorch's check asks since it
-    started padding; older PyTorch asks for the unpadded stride, see ``_scaled_mm_blockwise``."""
-    nb, kb = w.scale_inv.shape
+def _cublas_weight_operands(weights: Sequence[BlockwiseFP8Tensor]):
+    """cuBLAS's view of every weight: ``w.data.t()`` and its 128x128 scales [K/128, N/128], column
+    stride K/128 rounded up to 4 floats (16 bytes), as PyTorch's check asks since it started
+    padding (older PyTorch asks for the unpadded stride, see ``_scaled_mm_blockwise``). Built
+    for all experts at once over the stacked weights: a few calls whatever the expert count."""
+    data = stacked_view_or_copy([w.data for w in weights]).transpose(1, 2)
+    scale = stacked_view_or_copy([w.scale_inv for w in weights])
+    g, nb, kb = scale.shape
     ld = -(-kb // 4) * 4
-    if ld == kb:
-        return w.scale_inv.contiguous().t()
-    padded = w.scale_inv.new_zeros(nb, ld)
-    padded[:, :kb] = w.scale_inv
-    return padded[:, :kb].t()
+    if ld != kb or not scale.is_contiguous():
+        padded = scale.new_zeros(g, nb, ld)
+        padded[:, :, :kb] = scale
+        scale = padded[:, :, :kb]
+    return data.unbind(0), scale.transpose(1, 2).unbind(0)
+
+
+def outer_major_group_scales(scale: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+    """Each group's rows of 1x128 scales [rows_g, K/128] with strides (1, rows_g): the layout
+    cuBLAS takes for a blockwise operand (outer dimension major, the group's own row count as its
+    stride). One scatter for all groups into one buffer; the groups are views of it."""
+    m, kb = scale.shape
+    buf = torch.empty(m * kb, dtype=scale.dtype, device=scale.device)
+    if m:
+        dev = scale.device
+        sizes_t = torch.tensor(list(sizes), device=dev)
+        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        grp = torch.repeat_interleave(torch.arange(len(sizes), device=dev), sizes_t, output_size=m)
+        row_start, rows = starts[grp], sizes_t[grp]
+        # element (r, j) of group g goes to g's block [kb, rows_g] at start_g * kb: j * rows_g + (r - start_g)
+        dst = (row_start * (kb - 1) + torch.arange(m, device=dev))[:, None] + torch.arange(kb, device=dev) * rows[:, None]
+        buf[dst.reshape(-1)] = scale.reshape(-1)
+    views, start = [], 0
+    for r in sizes:
+        views.append(buf.as_strided((r, kb), (1, r), start * kb))
+        start += r
+    return views
 
 
 def _scaled_mm_blockwise(a_data, b_data, scale_a, scale_b, out_dtype, out=None):
@@ -184,18 +209,16 @@ def grouped_rowwise_gemm(
         return out
     bounds = _group_bounds(groups)
     _check_cublas_groups(bounds)
-    for (start, rows, _, _), w in zip(bounds, weights):
+    # Every per-group operand is prepared by a few calls for all groups (the loop below only
+    # issues the GEMMs): at 32 experts the host, not the GPU, would otherwise set the pace.
+    sizes = [rows for _, rows, _, _ in bounds]
+    w_data, w_scales = _cublas_weight_operands(weights) if weights else ((), ())
+    for rows, a_part, a_scale, out_part, wd, ws in zip(
+        sizes, torch.split(a.data, sizes), outer_major_group_scales(a.scale_inv, sizes),
+        torch.split(out, sizes), w_data, w_scales,
+    ):
         if rows:
-            # cuBLAS takes 1x128 scales outer-dim-major with the group's own row count as the
-            # stride, so each group's scales get a small transposed copy.
-            _scaled_mm_blockwise(
-                a.data[start : start + rows],
-                w.data.t(),
-                a.scale_inv[start : start + rows].t().contiguous().t(),
-                _cublas_weight_scale(w),
-                out_dtype,
-                out=out[start : start + rows],
-            )
+            _scaled_mm_blockwise(a_part, wd, a_scale, ws, out_dtype, out=out_part)
     return out
 
 
@@ -251,16 +274,16 @@ def grouped_wgrad(
             outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)
         return outs
     _check_cublas_groups(bounds)
-    for i, (start, rows, srow, nb) in enumerate(bounds):
+    sizes = [rows for _, rows, _, _ in bounds]
+    scale_rows = [nb for _, _, _, nb in bounds]
+    spare = grad_col.scale_inv.shape[0] - sum(scale_rows)  # column scales may be allocated with spare rows
+    parts = zip(torch.split(grad_col.data, sizes, dim=1), torch.split(x_col.data, sizes, dim=1),
+                torch.split(grad_col.scale_inv, scale_rows + [spare]), torch.split(x_col.scale_inv, scale_rows + [spare]))
+    for i, (rows, (g_part, x_part, g_scale, x_scale)) in enumerate(zip(sizes, parts)):
         prod = None
         if rows:
-            prod = torch._scaled_mm(
-                grad_col.data[:, start : start + rows],
-                x_col.data[:, start : start + rows].t(),
-                scale_a=grad_col.scale_inv[srow : srow + nb].t(),
-                scale_b=x_col.scale_inv[srow : srow + nb],
-                out_dtype=torch.float32 if accumulate else out_dtype,
-            )
+            prod = torch._scaled_mm(g_part, x_part.t(), scale_a=g_scale.t(), scale_b=x_scale,
+                                    out_dtype=torch.float32 if accumulate else out_dtype)
         outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)
     return outs
 

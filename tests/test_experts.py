@@ -106,6 +106,16 @@ def test_fp8_activation_input_and_gradient():
     assert torch.equal(out, ref[0]) and torch.equal(carrier.grad, ref[1])
     with pytest.raises(NotImplementedError, match="dequantize"):
         carrier + 1
+    # The output gradient may arrive as FP8 too (the combine's backward sends it so): the same
+    # result as its dequantized bf16 values, which re-quantize to the same codes.
+    d8 = fp8.quantize(dout)
+    grads = []
+    for d in (FP8Activation(d8, torch.bfloat16), d8.dequantize(torch.bfloat16)):
+        module.zero_grad(set_to_none=True)
+        carrier = FP8Activation(q, torch.bfloat16, requires_grad=True)
+        module(carrier, SPLITS, probs).backward(d)
+        grads.append((carrier.grad, module.linear_fc1.weight1.grad.clone(), module.linear_fc2.weight3.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_checkpoint_keys_round_trip():

@@ -164,6 +164,31 @@ def test_triton_rowwise_tile_widths(device, block_n, num_warps):
         start += m
 
 
+def test_outer_major_group_scales_layout():
+    """The per-group scale views handed to cuBLAS: each group's [rows, K/128] scales, stride
+    (1, rows), packed group after group; equal to the per-group transposed copies."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [0, 48, 16, 0, 80, 32]
+    scale = torch.rand(sum(sizes), 5, generator=g)
+    views = gemm.outer_major_group_scales(scale, sizes)
+    start = 0
+    for rows, v in zip(sizes, views):
+        ref = scale[start : start + rows].t().contiguous().t()
+        assert v.shape == ref.shape and torch.equal(v, ref)
+        if rows:
+            assert v.stride() == (1, rows)
+        start += rows
+    assert gemm.outer_major_group_scales(scale[:0], [0, 0])[1].shape == (0, 5)
+    # Weights, all experts at once: w.data.t() and the scales' transpose with a 16-byte column
+    # stride (K/128 = 3 is padded to 4, K/128 = 4 is not).
+    for k in (384, 512):
+        ws = _weights(256, k, 3, seed=70)
+        data, scales = gemm._cublas_weight_operands(ws)
+        for w, d, sc in zip(ws, data, scales):
+            assert torch.equal(d.view(torch.uint8), w.data.t().view(torch.uint8))
+            assert torch.equal(sc, w.scale_inv.t()) and sc.stride() == (1, 4)
+
+
 def test_weights_stacked_in_place_and_transposed_flag():
     """Weights quantized into one stacked buffer are used as a view (no copy); separate ones are
     stacked by a copy; transpose_weights equals passing the exact transposed copies."""

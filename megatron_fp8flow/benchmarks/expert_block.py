@@ -70,7 +70,7 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     probs = torch.rand(m, device=device)
     dout = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
     # Tokens arrive as the dispatcher delivers them: FP8 for the flow modes (quantized once before
-    # the all-to-all, outside this block), bf16 otherwise. Each call makes a fresh input, so the
+    # the all-to-all, outside this block: one of the flow's two casts), bf16 otherwise. Each call makes a fresh input, so the
     # memory the block keeps for its backward includes it.
     flow_input = mode in ("flow", "flow_double_quant")
 
@@ -79,9 +79,12 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
             return FP8Activation(fp8.quantize(x), torch.bfloat16, requires_grad=True)
         return x.clone().requires_grad_(True)
 
+    # Likewise the output gradient: the combine's backward sends it as FP8 in the flow modes.
+    grad = FP8Activation(fp8.quantize(dout), torch.bfloat16) if flow_input else dout
+
     def step(first: bool = False):
         out = module(make_input(), sizes, probs, is_first_microbatch=first)
-        out.backward(dout)
+        out.backward(grad)
 
     step(first=True)  # the first microbatch of a step quantizes the weights; the timed ones reuse them
     for _ in range(warmup):
@@ -94,7 +97,7 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     inp = make_input()
     out = module(inp, sizes, probs, is_first_microbatch=False)
     held = torch.cuda.memory_allocated(device) - before - out.numel() * out.element_size()
-    out.backward(dout)
+    out.backward(grad)
     del inp, out
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated(device) - before
