@@ -97,18 +97,19 @@ def _cublas_weight_operands(weights: Sequence[BlockwiseFP8Tensor]):
     return data.unbind(0), scale.transpose(1, 2).unbind(0)
 
 
-def outer_major_group_scales(scale: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+def outer_major_group_scales(scale: torch.Tensor, groups: GroupSplits) -> List[torch.Tensor]:
     """Each group's rows of 1x128 scales [rows_g, K/128] with strides (1, rows_g): the layout
     cuBLAS takes for a blockwise operand (outer dimension major, the group's own row count as its
-    stride). One scatter for all groups into one buffer; the groups are views of it."""
+    stride). One scatter for all groups into one buffer (group offsets read on the device, no
+    sync); the groups are views of it."""
     m, kb = scale.shape
+    sizes = groups.host_sizes()
     buf = torch.empty(m * kb, dtype=scale.dtype, device=scale.device)
     if m:
         dev = scale.device
-        sizes_t = torch.tensor(list(sizes), device=dev)
-        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        sizes_t = groups.sizes_device.long()
         grp = torch.repeat_interleave(torch.arange(len(sizes), device=dev), sizes_t, output_size=m)
-        row_start, rows = starts[grp], sizes_t[grp]
+        row_start, rows = groups.row_offsets[:-1].long()[grp], sizes_t[grp]
         # element (r, j) of group g goes to g's block [kb, rows_g] at start_g * kb: j * rows_g + (r - start_g)
         dst = (row_start * (kb - 1) + torch.arange(m, device=dev))[:, None] + torch.arange(kb, device=dev) * rows[:, None]
         buf[dst.reshape(-1)] = scale.reshape(-1)
@@ -214,7 +215,7 @@ def grouped_rowwise_gemm(
     sizes = [rows for _, rows, _, _ in bounds]
     w_data, w_scales = _cublas_weight_operands(weights) if weights else ((), ())
     for rows, a_part, a_scale, out_part, wd, ws in zip(
-        sizes, torch.split(a.data, sizes), outer_major_group_scales(a.scale_inv, sizes),
+        sizes, torch.split(a.data, sizes), outer_major_group_scales(a.scale_inv, groups),
         torch.split(out, sizes), w_data, w_scales,
     ):
         if rows:

@@ -220,6 +220,26 @@ def test_cublas_block_matches_emulated(mode):
             assert _rel(p, q) <= 2e-2, f"{mode} {name}[{i}]: {_rel(p, q)}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronization is a GPU matter")
+@pytest.mark.parametrize("mode", ["bf16", "blockwise", "flow"])
+def test_block_never_synchronizes_with_the_gpu(mode):
+    """Forward and backward of a block with host-side group sizes issue no host-device sync
+    (a sync per MoE layer would stall the host's run-ahead of the GPU)."""
+    module = _make(mode, backend="auto", h=512, f=512)
+    x, probs, dout = _inputs(seed=12, h=512)
+    xr = x.clone().requires_grad_(True)
+    _run(module, x, probs, dout)  # first call: allocations, compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = module(xr, SPLITS, probs)
+        out.backward(dout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 def test_fp8_weight_cache_across_microbatches(monkeypatch):
     """is_first_microbatch=True quantizes the weights once; False reuses them bit for bit; an
     in-place weight update since then is caught by the version counter and re-quantized."""

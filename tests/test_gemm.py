@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_fp8flow import fp8, gemm
+from megatron_fp8flow.fp8.format import GroupSplits
 from megatron_fp8flow.moe import ExpertPrecision
 
 from conftest import HAS_CUDA, make_activations
@@ -170,7 +171,7 @@ def test_outer_major_group_scales_layout():
     g = torch.Generator().manual_seed(3)
     sizes = [0, 48, 16, 0, 80, 32]
     scale = torch.rand(sum(sizes), 5, generator=g)
-    views = gemm.outer_major_group_scales(scale, sizes)
+    views = gemm.outer_major_group_scales(scale, GroupSplits.build(sizes, sum(sizes), 'cpu'))
     start = 0
     for rows, v in zip(sizes, views):
         ref = scale[start : start + rows].t().contiguous().t()
@@ -178,7 +179,7 @@ def test_outer_major_group_scales_layout():
         if rows:
             assert v.stride() == (1, rows)
         start += rows
-    assert gemm.outer_major_group_scales(scale[:0], [0, 0])[1].shape == (0, 5)
+    assert gemm.outer_major_group_scales(scale[:0], GroupSplits.build([0, 0], 0, 'cpu'))[1].shape == (0, 5)
     # Weights, all experts at once: w.data.t() and the scales' transpose with a 16-byte column
     # stride (K/128 = 3 is padded to 4, K/128 = 4 is not).
     for k in (384, 512):

@@ -129,9 +129,21 @@ class GroupSplits:
         for v in sizes:
             rows.append(rows[-1] + v)
             blocks.append(blocks[-1] + cdiv(v, BLOCK))
-        as_t = lambda vals: torch.tensor(vals, dtype=torch.int32, device=device)  # noqa: E731
+        sizes_dev, rows_dev, blocks_dev = _host_ints_to_device([sizes, rows, blocks], device)
         alignment = math.gcd(*sizes, BLOCK) if sizes else BLOCK
-        return cls(num_rows, len(sizes), sizes, as_t(sizes), as_t(rows), as_t(blocks), blocks[-1], alignment)
+        return cls(num_rows, len(sizes), sizes, sizes_dev, rows_dev, blocks_dev, blocks[-1], alignment)
+
+
+def _host_ints_to_device(lists, device) -> list:
+    """int32 device copies of host lists in one copy that does not wait for the GPU: a plain
+    ``torch.tensor(..., device="cuda")`` synchronizes the stream, which would stall the host
+    (and its run-ahead of the GPU) once per MoE layer. Pinned memory makes the copy asynchronous."""
+    device = torch.device(device)
+    flat = [v for vals in lists for v in vals]
+    pin = device.type == "cuda"
+    host = torch.tensor(flat, dtype=torch.int32, pin_memory=pin)
+    dev = host.to(device, non_blocking=pin)
+    return list(torch.split(dev, [len(vals) for vals in lists]))
 
 
 @dataclass
