@@ -9,10 +9,12 @@
 
 Backends: ``"cublas"`` calls ``torch._scaled_mm`` with blockwise scales once per non-empty
 group (Hopper, sm_90); ``"triton"`` runs all groups in one launch
-(:mod:`megatron_fp8flow.kernels.grouped_gemm`; any group sizes, tested under the Triton
-interpreter, not yet timed against cuBLAS); ``"emulated"`` dequantizes exactly and multiplies in fp32, the same
-function on any device (CPU CI). ``"auto"`` picks cuBLAS on sm_90, Triton on other GPUs with FP8
-tensor cores (sm_89, sm_100+), emulation on CPU, and refuses older GPUs with a clear error.
+(:mod:`megatron_fp8flow.kernels.grouped_gemm`; any group sizes; no per-group host cost, but on
+the H200 2.4x (fprop) to 7x (dgrad) slower than cuBLAS, see BENCHMARKS.md); ``"emulated"``
+dequantizes exactly and multiplies in fp32, the same function on any device (CPU CI).
+``"auto"`` picks cuBLAS on sm_90 (faster at every expert count measured, 8 to 32), Triton on
+other GPUs with FP8 tensor cores (sm_89, sm_100+), emulation on CPU, and refuses older GPUs
+with a clear error.
 Group sizes are the padded sizes from the permutation; empty groups cost nothing.
 
 cuBLAS limits (measured on the H200 with PyTorch 2.11): every group's row count must be a
