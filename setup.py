@@ -29,7 +29,7 @@ setup(
     ],
     extras_require={
         "megatron": ["megatron-core>=0.16.1,<0.20"],
-        "test": ["pytest>=7.4", "hypothesis>=6.100"],
+        "test": ["pytest>=7.4", "hypothesis>=6.100", "megatron-core>=0.16.1,<0.20"],
     },
     entry_points={"console_scripts": ["fp8flow=megatron_fp8flow.cli:main"]},
     classifiers=[

@@ -54,6 +54,24 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    from .megatron import audit
+
+    backend = args.gemm_backend if torch.cuda.is_available() or args.gemm_backend != "auto" else "emulated"
+    results = audit.run(ep=args.ep, gemm_backend=backend)
+    print(audit.render(results, args.ep))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if results.get("flow", {}).get("explicit") == 2 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp8flow", description="FP8-Flow MoE for Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gemm-backend", default="auto", choices=["auto", "cublas", "triton"],
                    help="experts: the FP8 GEMM backend of the FP8 modes")
     b.set_defaults(func=_cmd_bench)
+
+    a = sub.add_parser("audit", help="count the BF16<->FP8 casts of one MoE layer per step, per mode "
+                                     "(needs megatron-core; runs on CPU or GPU)")
+    a.add_argument("--ep", type=int, default=1, help="expert parallel size (> 1 starts that many processes)")
+    a.add_argument("--gemm-backend", default="auto", choices=["auto", "cublas", "triton", "emulated"])
+    a.add_argument("--json", help="also write the counts to this JSON file")
+    a.set_defaults(func=_cmd_audit)
     return p
 
 

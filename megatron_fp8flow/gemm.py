@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .fp8 import reference as ref
+from .fp8.audit import cast_point
 from .fp8.format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike
 
 BACKENDS = ("auto", "cublas", "triton", "emulated")
@@ -66,6 +67,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"Use backend='emulated' (slow) or the bf16 mode."
             )
     return backend
+
+
+def inside_gemm():
+    """Conversions inside a GEMM (the emulation dequantizes its operands) are not casts."""
+    return cast_point("gemm", count=0)
 
 
 def _check_multiple(name: str, value: int) -> None:
@@ -204,11 +210,12 @@ def grouped_rowwise_gemm(
     if transpose_weights:
         weights = [w.t() for w in weights]  # cuBLAS and the emulation take the exact transposed copies
     if backend == "emulated":
-        x = ref.dequantize_rowwise(a.data, a.scale_inv)
-        for (start, rows, _, _), w in zip(_group_bounds(groups), weights):
-            if rows:
-                wd = ref.dequantize_weight(w.data, w.scale_inv)
-                out[start : start + rows] = (x[start : start + rows] @ wd.t()).to(out_dtype)
+        with inside_gemm():  # the emulation's exact dequantization is the GEMM's arithmetic, not a cast
+            x = ref.dequantize_rowwise(a.data, a.scale_inv)
+            for (start, rows, _, _), w in zip(_group_bounds(groups), weights):
+                if rows:
+                    wd = ref.dequantize_weight(w.data, w.scale_inv)
+                    out[start : start + rows] = (x[start : start + rows] @ wd.t()).to(out_dtype)
         return out
     bounds = _group_bounds(groups)
     _check_cublas_groups(bounds)
@@ -270,8 +277,9 @@ def grouped_wgrad(
             outs[i] = _store_product(outs[i], stacked[i] if rows else None, accumulate, (n, k), out_dtype, dev)
         return outs
     if backend == "emulated":
-        g = ref.dequantize_colwise(grad_col.data, grad_col.scale_inv, sizes)
-        x = ref.dequantize_colwise(x_col.data, x_col.scale_inv, sizes)
+        with inside_gemm():
+            g = ref.dequantize_colwise(grad_col.data, grad_col.scale_inv, sizes)
+            x = ref.dequantize_colwise(x_col.data, x_col.scale_inv, sizes)
         for i, (start, rows, _, _) in enumerate(bounds):
             prod = g[start : start + rows].t() @ x[start : start + rows] if rows else None
             outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)

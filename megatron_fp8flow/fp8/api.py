@@ -12,6 +12,7 @@ from typing import Literal, Optional
 import torch
 
 from . import reference as ref
+from .audit import counted
 from .format import BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike, cdiv
 
 Backend = Literal["auto", "triton", "reference"]
@@ -49,6 +50,7 @@ def _check_activation(x: torch.Tensor) -> None:
         raise TypeError(f"FP8 quantization expects bf16, fp16 or fp32 input, got {x.dtype}")
 
 
+@counted("quantize")
 def quantize(
     x: torch.Tensor,
     layout: str = "rowwise",
@@ -93,6 +95,7 @@ def quantize(
     raise ValueError("use fp8.quantize_weight for the 128x128 'weight' layout")
 
 
+@counted("quantize", count=2)
 def quantize_row_and_col(
     x: torch.Tensor,
     m_splits: SplitsLike,
@@ -142,6 +145,7 @@ def _pad_scale_rows(scale_t: torch.Tensor, groups: GroupSplits) -> torch.Tensor:
     return torch.cat([scale_t, scale_t.new_zeros(extra, scale_t.shape[1])], 0)
 
 
+@counted("weight_quantize")
 def quantize_weight(
     w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto", out=None
 ) -> BlockwiseFP8Tensor:
@@ -174,6 +178,7 @@ def quantize_weight(
     return BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, tuple(w.shape), pow2_scales)
 
 
+@counted("weight_quantize")
 def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"):
     """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w``."""
     if _use_triton(w.device, backend):
@@ -189,6 +194,7 @@ def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, ba
     return q, q.t()
 
 
+@counted("transpose")
 def scaling_aware_transpose(
     q: BlockwiseFP8Tensor,
     m_splits: SplitsLike,
@@ -234,6 +240,7 @@ def scaling_aware_transpose(
     return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, (m, k), True, groups)
 
 
+@counted(lambda t, *a, **k: "weight_dequantize" if t.layout == Layout.WEIGHT else "dequantize")
 def dequantize(
     t: BlockwiseFP8Tensor, dtype: torch.dtype = torch.float32, backend: Backend = "auto"
 ) -> torch.Tensor:

@@ -44,6 +44,7 @@ from torch import nn
 
 from .. import fp8, gemm
 from ..fp8.activation import FP8Activation, fp8_payload
+from ..fp8.audit import cast_point
 from ..fp8.format import BlockwiseFP8Tensor, GroupSplits
 from ..kernels.swiglu_quant import swiglu_quant_backward, swiglu_quant_forward
 
@@ -173,7 +174,8 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
             dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups)
         else:
-            data, scale, dprobs = swiglu_quant_backward(dh, y1, probs)
+            with cast_point("fused_quantize"):
+                data, scale, dprobs = swiglu_quant_backward(dh, y1, probs)
             dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
             dy1_col = _colwise(dy1_row, groups, cfg)
             x_col = _colwise(x_saved, groups, cfg)
@@ -235,7 +237,8 @@ def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
 def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
     """fc1 -> weighted SwiGLU + quantize -> fc2 on FP8 operands. Returns (Y1, H8, out or None)."""
     y1 = gemm.grouped_rowwise_gemm(x8, w1_8, groups, backend=backend)
-    h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs)
+    with cast_point("fused_quantize"):
+        h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs)
     h8 = BlockwiseFP8Tensor(h8_data, h8_scale, fp8.Layout.ROWWISE, tuple(h8_data.shape))
     out = gemm.grouped_rowwise_gemm(h8, w2_8, groups, backend=backend) if need_output else None
     return y1, h8, out
@@ -301,14 +304,9 @@ class FP8FlowGroupedMLP(nn.Module):
         if groups.num_groups != self.num_experts:
             raise ValueError(f"tokens_per_expert has {groups.num_groups} entries for {self.num_experts} experts")
         cfg = self.precision
-        if cfg.check_finite:
-            _check_finite("expert input", tokens)
         weights = self.linear_fc1.weights() + self.linear_fc2.weights()
         fp8_weights = None if cfg.mode == "bf16" else self._cached_fp8_weights(weights, is_first_microbatch)
-        out = _ExpertMLPFunction.apply(tokens, probs, cfg, groups, self.num_experts, fp8_weights, *weights)
-        if cfg.check_finite:
-            _check_finite("expert output", out)
-        return out
+        return run_expert_block(tokens, probs, groups, self.num_experts, cfg, weights, fp8_weights)
 
 
     def _cached_fp8_weights(self, weights, is_first_microbatch: Optional[bool]):
@@ -328,6 +326,21 @@ class FP8FlowGroupedMLP(nn.Module):
             logger.warning("expert weights changed since is_first_microbatch=True; re-quantizing them")
         self._fp8_cache = (versions, _quantize_weights(weights, self.num_experts))
         return self._fp8_cache[1]
+
+
+def run_expert_block(tokens, probs: torch.Tensor, groups: GroupSplits, num_experts: int,
+                     precision: ExpertPrecision, weights: Sequence[torch.Tensor], fp8_weights=None):
+    """The expert block as a function of its weights (fc1 weights of every expert, then fc2's):
+    what :class:`FP8FlowGroupedMLP` and the Megatron adapter both run. ``fp8_weights`` are
+    cached FP8 copies, or None to quantize them in this call."""
+    if len(weights) != 2 * num_experts:
+        raise ValueError(f"expected {2 * num_experts} expert weights (fc1 then fc2), got {len(weights)}")
+    if precision.check_finite:
+        _check_finite("expert input", tokens)
+    out = _ExpertMLPFunction.apply(tokens, probs, precision, groups, num_experts, fp8_weights, *weights)
+    if precision.check_finite:
+        _check_finite("expert output", out)
+    return out
 
 
 def _check_finite(what: str, t) -> None:

@@ -207,21 +207,29 @@ def unpad_unpermute_backward(grad: Union[torch.Tensor, BlockwiseFP8Tensor], perm
 
 
 class PermutePad(torch.autograd.Function):
-    """Autograd wrapper of :func:`permute_pad` for bf16/fp32 tokens."""
+    """Autograd wrapper of :func:`permute_pad`. Tokens are bf16/fp32, or FP8 rows carried as an
+    :class:`~megatron_fp8flow.fp8.activation.FP8Activation` (FP8 out, bf16 gradient back)."""
 
     @staticmethod
     def forward(ctx, tokens, probs, perm: Permutation):
+        from ..fp8.activation import FP8Activation, fp8_payload
+
         ctx.perm = perm
-        return permute_pad(tokens, probs, perm)
+        payload = fp8_payload(tokens)
+        rows, p = permute_pad(payload if payload is not None else tokens, probs, perm)
+        if payload is not None:
+            rows = FP8Activation(rows, tokens.dtype)
+        return rows, p
 
     @staticmethod
     def backward(ctx, grad_rows, grad_probs):
-        g_tok, g_probs = permute_pad_backward(grad_rows, grad_probs, ctx.perm)
+        g_tok, g_probs = permute_pad_backward(_plain_gradient(grad_rows), grad_probs, ctx.perm)
         return g_tok, g_probs, None
 
 
 class UnpadUnpermute(torch.autograd.Function):
-    """Autograd wrapper of :func:`unpad_unpermute` (bf16 gradient in the backward)."""
+    """Autograd wrapper of :func:`unpad_unpermute`. The gradient may come back as bf16 or as FP8
+    rows (an ``FP8Activation``): FP8 in gives FP8 out, bytes and scales moved."""
 
     @staticmethod
     def forward(ctx, rows, perm: Permutation):
@@ -230,4 +238,17 @@ class UnpadUnpermute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from ..fp8.activation import FP8Activation, fp8_payload
+
+        payload = fp8_payload(grad)
+        if payload is not None:
+            return FP8Activation(unpad_unpermute_backward(payload, ctx.perm), grad.dtype), None
         return unpad_unpermute_backward(grad.contiguous(), ctx.perm), None
+
+
+def _plain_gradient(grad):
+    """A gradient that arrived as FP8 where bf16 is summed: dequantize it (an explicit cast)."""
+    from ..fp8.activation import fp8_payload
+
+    payload = fp8_payload(grad)
+    return payload.dequantize(grad.dtype) if payload is not None else grad

@@ -1,0 +1,97 @@
+"""Everything that differs between the Megatron-Core versions we support (0.16 - 0.19).
+
+Other modules of this package ask here instead of testing versions themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any, Optional
+
+SUPPORTED = ((0, 16), (0, 19))  # oldest and newest minor versions checked
+
+
+def _parse(version: str) -> tuple:
+    parts = []
+    for p in version.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def megatron_version() -> tuple:
+    """(major, minor, patch) of the installed megatron-core; a clear error when it is missing."""
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        raise ImportError(
+            "megatron-core is not installed: the Megatron integration of megatron-fp8flow needs "
+            f"megatron-core {SUPPORTED[0][0]}.{SUPPORTED[0][1]} - {SUPPORTED[1][0]}.{SUPPORTED[1][1]} "
+            "(pip install megatron-core)"
+        )
+    import megatron.core
+
+    version = getattr(megatron.core, "__version__", "0.0.0")
+    parsed = _parse(version)
+    if parsed[:2] < SUPPORTED[0]:
+        raise ImportError(
+            f"megatron-core {version} is too old for megatron-fp8flow: it needs >= "
+            f"{SUPPORTED[0][0]}.{SUPPORTED[0][1]} (the MoE dispatcher hooks and process-group collections)"
+        )
+    return parsed
+
+
+def have_transformer_engine() -> bool:
+    # Never import megatron.core.extensions.transformer_engine to find out: in 0.16 it stands
+    # in a MagicMock for TE when TE is missing, so its names always "import".
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def default_pg_collection():
+    """Megatron's process groups for MoE from its global parallel state."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    return get_default_pg_collection()
+
+
+def local_expert_mlp_submodules():
+    """Submodules of one expert MLP built from Megatron's own (non-TE) linear layers."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def spec_builds(spec: Any) -> Optional[type]:
+    """The class a layer spec builds: a ``ModuleSpec`` (every version) or, from 0.18, a
+    ``functools.partial`` of the class; None for anything else."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, ModuleSpec):
+        module = spec.module
+        if isinstance(module, tuple):  # (import path, name)
+            module = getattr(importlib.import_module(module[0]), module[1])
+        return module if isinstance(module, type) else None
+    if isinstance(spec, functools.partial) and isinstance(spec.func, type):
+        return spec.func
+    return None
+
+
+def spec_submodules(spec: Any):
+    """The ``submodules`` a ModuleSpec or partial carries (None if it has none)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, ModuleSpec):
+        return spec.submodules
+    if isinstance(spec, functools.partial):
+        return spec.keywords.get("submodules")
+    return None
+
+
+def moe_spec_function_modules() -> list:
+    """Modules that hold ``get_moe_module_spec_for_backend`` (the GPT layer specs import it by
+    name, so both names must be hooked)."""
+    import megatron.core.models.gpt.gpt_layer_specs as gpt_layer_specs
+    import megatron.core.models.gpt.moe_module_specs as moe_module_specs
+
+    return [m for m in (moe_module_specs, gpt_layer_specs) if hasattr(m, "get_moe_module_spec_for_backend")]

@@ -1,0 +1,108 @@
+"""Putting the plugin into a model: rewrite a layer/block spec, or hook Megatron's MoE spec builder.
+
+* :func:`apply_fp8flow_to_spec` returns a copy of any GPT layer spec, block spec, list of layer
+  specs or MTP block spec in which every MoE layer (MTP layers included) is an
+  :class:`.moe_layer.FP8FlowMoELayer` with :class:`.experts.FP8FlowExperts`. The router and
+  shared experts of the original spec are kept. The input spec is not modified.
+* :func:`install` hooks ``get_moe_module_spec_for_backend`` so that code building its specs
+  itself (Megatron-LM's ``pretrain_gpt.py``, NeMo, ...) gets the plugin's layers. Idempotent;
+  the original function is kept in ``__wrapped__``; :func:`uninstall` puts it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Optional
+
+from . import compat
+from .settings import FP8FlowSettings
+
+logger = logging.getLogger(__name__)
+_MARKER = "_megatron_fp8flow_hook"
+
+
+def _moe_layer_spec(original: Any, settings: FP8FlowSettings):
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .experts import FP8FlowExperts
+    from .moe_layer import FP8FlowMoELayer
+
+    old = compat.spec_submodules(original)
+    experts = ModuleSpec(module=FP8FlowExperts, params={"precision": settings.expert_precision()},
+                         submodules=compat.local_expert_mlp_submodules())
+    fields = {"experts": experts}
+    if old is not None:
+        fields["shared_experts"] = old.shared_experts
+        if hasattr(old, "router"):
+            fields["router"] = old.router
+    return ModuleSpec(module=FP8FlowMoELayer, params={"fp8flow": settings}, submodules=MoESubmodules(**fields))
+
+
+def apply_fp8flow_to_spec(spec: Any, settings: Optional[FP8FlowSettings] = None) -> Any:
+    """A copy of ``spec`` with every MoE layer replaced by the plugin's (see module docstring)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    settings = settings or FP8FlowSettings()
+
+    def visit(node):
+        built = compat.spec_builds(node)
+        if built is not None and issubclass(built, MoELayer):
+            return _moe_layer_spec(node, settings)
+        if isinstance(node, ModuleSpec):
+            return dataclasses.replace(node, submodules=visit(node.submodules))
+        if isinstance(node, functools.partial):
+            keywords = {k: visit(v) for k, v in node.keywords.items()}
+            return functools.partial(node.func, *node.args, **keywords)
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            changes = {f.name: visit(getattr(node, f.name)) for f in dataclasses.fields(node) if f.init}
+            return dataclasses.replace(node, **changes)
+        if isinstance(node, (list, tuple)):
+            return type(node)(visit(v) for v in node)
+        return node
+
+    return visit(spec)
+
+
+def install(settings: Optional[FP8FlowSettings] = None) -> None:
+    """Hook Megatron's MoE spec builder (``get_moe_module_spec_for_backend``) so every MoE
+    layer it builds uses the plugin. Calling it again only updates the settings."""
+    compat.megatron_version()
+    settings = settings or FP8FlowSettings()
+    for module in compat.moe_spec_function_modules():
+        current = module.get_moe_module_spec_for_backend
+        if getattr(current, _MARKER, False):
+            continue
+        original = current
+
+        @functools.wraps(original)
+        def hooked(*args, __original=original, **kwargs):
+            return apply_fp8flow_to_spec(__original(*args, **kwargs), current_settings())
+
+        setattr(hooked, _MARKER, True)
+        hooked.__wrapped__ = original
+        module.get_moe_module_spec_for_backend = hooked
+        logger.info("megatron_fp8flow: hooked %s.get_moe_module_spec_for_backend (mode %s)",
+                    module.__name__, settings.mode)
+    _state["settings"] = settings
+
+
+_state: dict = {}
+
+
+def current_settings() -> Optional[FP8FlowSettings]:
+    """The settings of the installed hook, or None when it is not installed."""
+    return _state.get("settings")
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (no-op when it is not installed)."""
+    for module in compat.moe_spec_function_modules():
+        current = module.get_moe_module_spec_for_backend
+        if getattr(current, _MARKER, False):
+            module.get_moe_module_spec_for_backend = current.__wrapped__
+            logger.info("megatron_fp8flow: restored %s.get_moe_module_spec_for_backend", module.__name__)
+    _state.pop("settings", None)
