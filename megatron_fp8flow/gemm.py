@@ -26,12 +26,13 @@ along tokens in the weight gradient (groups of 16 or 48 rows) are fine.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
 
 from .fp8 import reference as ref
-from .fp8.audit import cast_point
+from .fp8.audit import audit_active, cast_point
 from .fp8.format import BLOCK, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike
 
 BACKENDS = ("auto", "cublas", "triton", "emulated")
@@ -70,8 +71,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def inside_gemm():
-    """Conversions inside a GEMM (the emulation dequantizes its operands) are not casts."""
-    return cast_point("gemm", count=0)
+    """Conversions inside a GEMM (FP8 operands, bf16 result; the emulation dequantizes its
+    operands) are not casts for the cast audit."""
+    return cast_point("gemm", count=0) if audit_active() else contextlib.nullcontext()
 
 
 def _check_multiple(name: str, value: int) -> None:
@@ -222,6 +224,12 @@ def grouped_rowwise_gemm(
     # Every per-group operand is prepared by a few calls for all groups (the loop below only
     # issues the GEMMs): at 32 experts the host, not the GPU, would otherwise set the pace.
     sizes = [rows for _, rows, _, _ in bounds]
+    with inside_gemm():
+        _cublas_rowwise_groups(a, out, groups, sizes, weights, out_dtype)
+    return out
+
+
+def _cublas_rowwise_groups(a, out, groups, sizes, weights, out_dtype):
     w_data, w_scales = _cublas_weight_operands(weights) if weights else ((), ())
     for rows, a_part, a_scale, out_part, wd, ws in zip(
         sizes, torch.split(a.data, sizes), outer_major_group_scales(a.scale_inv, groups),
@@ -290,12 +298,13 @@ def grouped_wgrad(
     spare = grad_col.scale_inv.shape[0] - sum(scale_rows)  # column scales may be allocated with spare rows
     parts = zip(torch.split(grad_col.data, sizes, dim=1), torch.split(x_col.data, sizes, dim=1),
                 torch.split(grad_col.scale_inv, scale_rows + [spare]), torch.split(x_col.scale_inv, scale_rows + [spare]))
-    for i, (rows, (g_part, x_part, g_scale, x_scale)) in enumerate(zip(sizes, parts)):
-        prod = None
-        if rows:
-            prod = torch._scaled_mm(g_part, x_part.t(), scale_a=g_scale.t(), scale_b=x_scale,
-                                    out_dtype=torch.float32 if accumulate else out_dtype)
-        outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)
+    with inside_gemm():
+        for i, (rows, (g_part, x_part, g_scale, x_scale)) in enumerate(zip(sizes, parts)):
+            prod = None
+            if rows:
+                prod = torch._scaled_mm(g_part, x_part.t(), scale_a=g_scale.t(), scale_b=x_scale,
+                                        out_dtype=torch.float32 if accumulate else out_dtype)
+            outs[i] = _store_product(outs[i], prod, accumulate, (n, k), out_dtype, dev)
     return outs
 
 

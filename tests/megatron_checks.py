@@ -2,6 +2,7 @@
 whole process, and EP = 2 needs two ranks). Each worker puts (rank, results) in the queue."""
 
 import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_fp8flow.megatron import FP8FlowSettings
 from megatron_fp8flow.megatron import small_model as sm
@@ -45,15 +46,17 @@ def compare_with_stock(rank, world, port, modes, queue):
             loss = float(sm.loss_and_backward(plugin, data))
             grads = _grads(plugin)
             rels = [_rel(grads[n], ref[n]) for n in ref if n in grads]
-            moe = plugin.decoder.layers[0].mlp
+            moe_layers = [m for m in plugin.modules() if isinstance(m, MoELayer)]
+            moe = moe_layers[0]
             res["modes"][mode] = {
                 "loss": loss,
                 "missing_grads": sorted(set(ref) ^ set(grads)),
                 "max_grad_rel": max(rels),
                 "median_grad_rel": statistics.median(rels),
                 "finite": all(bool(torch.isfinite(g).all()) for g in grads.values()),
-                "classes": (type(moe).__name__, type(moe.experts).__name__, type(moe.token_dispatcher).__name__,
-                            type(plugin.mtp.layers[0].transformer_layer.mlp).__name__ if shape.mtp_layers else None),
+                "classes": (type(moe).__name__, type(moe.experts).__name__, type(moe.token_dispatcher).__name__),
+                "moe_layers": sorted({type(m).__name__ for m in moe_layers}),
+                "num_moe_layers": len(moe_layers),  # decoder layers + MTP layers
             }
             kept[mode] = (loss, grads)
         if "flow" in kept and "flow_double_quant" in kept:

@@ -172,3 +172,25 @@ def test_sat_tile_reference_definition():
     assert (scale_t == smax).all()
     expected = (q.data.float() * (q.scale_inv / smax)).to(fp8.FP8_DTYPE)
     assert_bits_equal(data_t, expected.t().contiguous())
+
+
+def test_cast_audit_counts_plugin_casts_and_foreign_conversions():
+    """The audit counts the API's casts by kind, and any other FP8 conversion as 'other'; a
+    GEMM-like product of FP8-derived values or an FP8 -> FP8 transpose is not a cast."""
+    from megatron_fp8flow.fp8.audit import cast_audit
+
+    x = torch.randn(64, 256).bfloat16()
+    q = fp8.quantize(x)
+    with cast_audit() as audit:
+        q2 = fp8.quantize(x)
+        fp8.scaling_aware_transpose(q2, [32, 32])
+        q2.dequantize(torch.bfloat16)
+        fp8.quantize_row_and_col(x, [64])
+        x.to(torch.float8_e4m3fn)  # someone else's cast
+        q.data.float() * 2.0  # also a conversion (e4m3 -> fp32)
+    assert audit.counts["quantize"] == 3 and audit.counts["dequantize"] == 1
+    assert audit.counts["transpose"] == 1 and audit.counts["other"] == 2
+    assert audit.explicit == 6
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with cast_audit(), cast_audit():
+            pass

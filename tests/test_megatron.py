@@ -49,8 +49,9 @@ def test_plugin_layers_match_stock(compared):
         for name, res in r.items():
             for mode in MODES:
                 m = res["modes"][mode]
-                mtp = "FP8FlowMoELayer" if name == "full" else None
-                assert m["classes"] == ("FP8FlowMoELayer", "FP8FlowExperts", "FP8FlowTokenDispatcher", mtp)
+                assert m["classes"] == ("FP8FlowMoELayer", "FP8FlowExperts", "FP8FlowTokenDispatcher")
+                assert m["moe_layers"] == ["FP8FlowMoELayer"]  # MTP's MoE layer too
+                assert m["num_moe_layers"] == (3 if name == "full" else 1)
                 assert not m["missing_grads"] and m["finite"], m
                 loss_tol = 2e-3 if mode == "bf16" else 2e-2
                 assert abs(m["loss"] - res["stock_loss"]) <= loss_tol * abs(res["stock_loss"]), (ep, rank, name, m)
@@ -84,15 +85,19 @@ def test_spec_rewrite_and_install():
 
     from megatron_fp8flow.megatron import FP8FlowExperts, FP8FlowMoELayer
 
+    from megatron_fp8flow.megatron.compat import spec_builds, spec_submodules
+
     stock = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
     settings = FP8FlowSettings(mode="blockwise", align=32)
     rewritten = apply_fp8flow_to_spec(stock, settings)
-    assert stock.submodules.mlp.module is MoELayer  # the input spec is left as it was
+    stock_mlp = stock.submodules.mlp
+    assert spec_builds(stock_mlp) is MoELayer  # the input spec is left as it was
     mlp = rewritten.submodules.mlp
     assert mlp.module is FP8FlowMoELayer and mlp.params["fp8flow"] == settings
     assert mlp.submodules.experts.module is FP8FlowExperts
-    assert mlp.submodules.shared_experts is stock.submodules.mlp.submodules.shared_experts
-    assert apply_fp8flow_to_spec(get_gpt_layer_local_spec(), settings).submodules.mlp.module is not FP8FlowMoELayer
+    assert mlp.submodules.shared_experts is spec_submodules(stock_mlp).shared_experts
+    dense = apply_fp8flow_to_spec(get_gpt_layer_local_spec(), settings).submodules.mlp
+    assert spec_builds(dense) is not FP8FlowMoELayer
 
     original = moe_module_specs.get_moe_module_spec_for_backend
     try:
@@ -100,12 +105,12 @@ def test_spec_rewrite_and_install():
         install(settings)  # idempotent
         hooked = gpt_layer_specs.get_moe_module_spec_for_backend
         assert hooked.__wrapped__ is original and moe_module_specs.get_moe_module_spec_for_backend.__wrapped__ is original
-        assert get_gpt_layer_local_spec(num_experts=4).submodules.mlp.module is FP8FlowMoELayer
+        assert spec_builds(get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is FP8FlowMoELayer
     finally:
         uninstall()
     assert moe_module_specs.get_moe_module_spec_for_backend is original
     assert gpt_layer_specs.get_moe_module_spec_for_backend is original
-    assert get_gpt_layer_local_spec(num_experts=4).submodules.mlp.module is MoELayer
+    assert spec_builds(get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is MoELayer
 
 
 def test_flags_and_settings():
@@ -130,3 +135,27 @@ def test_flags_and_settings():
         FP8FlowSettings(mode="flow", align=8)
     with pytest.raises(ValueError, match="unknown --moe-fp8-flow mode"):
         FP8FlowSettings(mode="fp4")
+
+
+def test_unsupported_configurations_are_named():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from megatron_fp8flow.megatron.experts import _check_config
+    from megatron_fp8flow.megatron.moe_layer import _check_layer_config
+
+    layer = SimpleNamespace(moe_token_dispatcher_type="flex", moe_shared_expert_overlap=False)
+    with pytest.raises(ValueError, match="alltoall"):
+        _check_layer_config(layer)
+    layer = SimpleNamespace(moe_token_dispatcher_type="alltoall", moe_shared_expert_overlap=True)
+    with pytest.raises(ValueError, match="moe_shared_expert_overlap"):
+        _check_layer_config(layer)
+    ok = dict(gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+              expert_tensor_parallel_size=1, moe_apply_probs_on_input=False)
+    _check_config(SimpleNamespace(**ok), 2)
+    for change, message in ((dict(gated_linear_unit=False), "SwiGLU"), (dict(add_bias_linear=True), "no bias"),
+                            (dict(expert_tensor_parallel_size=2), "expert tensor parallelism"),
+                            (dict(moe_apply_probs_on_input=True), "moe_apply_probs_on_input")):
+        with pytest.raises(ValueError, match=message):
+            _check_config(SimpleNamespace(**{**ok, **change}), 2)

@@ -1,9 +1,9 @@
 """Benchmark: FP8 dispatch (bytes + 1x128 scales) against the bf16 all-to-all across the GPUs of
 one host, for the paper's communication configurations (tokens, hidden) per rank.
 
-Run under torchrun with one process per GPU (``fp8flow bench dispatch`` does that). Every rank
-sends an equal share of its rows to every rank (balanced routing). Times are medians of device
-events after warm-up, each all-to-all preceded by a barrier; the maximum over ranks is reported.
+Run under torchrun with one process per GPU. Every rank sends an equal share of its rows to
+every rank (balanced routing). Times are medians of device events after warm-up (ten calls per
+event pair, after a barrier); the maximum over ranks is reported.
 
 * **bf16 ms**: the all-to-all of bf16 rows.
 * **fp8 comm ms**: the all-to-all of FP8 bytes plus fp32 scales (two collectives).
@@ -42,7 +42,9 @@ class DispatchRow:
     paper: str
 
 
-def _time(fn, reps: int = 20, warmup: int = 5) -> float:
+def _time(fn, reps: int = 20, warmup: int = 5, inner: int = 10) -> float:
+    """Median ms per call: ``inner`` calls between two events, so the host's launch latency of
+    one call is not counted as device time."""
     for _ in range(warmup):
         fn()
     times = []
@@ -51,10 +53,11 @@ def _time(fn, reps: int = 20, warmup: int = 5) -> float:
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     t = torch.tensor(sorted(times)[len(times) // 2], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)

@@ -51,6 +51,10 @@ class CastAudit:
         return dict(self.counts)
 
 
+def audit_active() -> bool:
+    return _active is not None
+
+
 @contextmanager
 def cast_point(kind: str, count: int = 1) -> Iterator[None]:
     """Mark a plugin cast: counted once as ``kind`` (``count`` tensors), and the conversions
@@ -68,9 +72,14 @@ def cast_point(kind: str, count: int = 1) -> Iterator[None]:
 class _ConversionWatcher(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if _active is not None and _depth == 0 and _is_conversion(args, out):
+        if _active is not None and _depth == 0 and func.overloadpacket in _CONVERTING_OPS and _is_conversion(args, out):
             _active.counts["other"] += 1
         return out
+
+
+# Operators that change a tensor's dtype (a GEMM taking FP8 operands and writing bf16 is not a cast).
+_CONVERTING_OPS = {torch.ops.aten._to_copy, torch.ops.aten.copy_, torch.ops.aten.to, torch.ops.aten.clone,
+                   torch.ops.aten.mul, torch.ops.aten.div, torch.ops.aten.add, torch.ops.aten.sub}
 
 
 def _is_conversion(args, out) -> bool:
