@@ -96,3 +96,13 @@ def checkpoint_switch(rank, world, port, queue):
     identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
     changed = any(not torch.equal(p, q) for p, q in zip(before, fresh.parameters()))
     queue.put((rank, {"same_layout": same_layout, "identical": identical, "loaded_something": changed}))
+
+
+def moe_layer_benchmark_smoke(rank, world, port, queue):
+    """The MoE-layer benchmark end to end on tiny shapes (its timings mean nothing on a CPU)."""
+    from megatron_fp8flow.benchmarks import moe_layer
+
+    sm.init_parallel(rank, world, ep=world, port=port)
+    result = moe_layer.run(hidden=128, moe_ffn=128, local_experts=2, topk=2, tokens=32,
+                           modes=("stock", "bf16", "flow"), reps=1, warmup=1)
+    queue.put((rank, None if result is None else moe_layer.render(result)))

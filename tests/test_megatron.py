@@ -159,3 +159,8 @@ def test_unsupported_configurations_are_named():
                             (dict(moe_apply_probs_on_input=True), "moe_apply_probs_on_input")):
         with pytest.raises(ValueError, match=message):
             _check_config(SimpleNamespace(**{**ok, **change}), 2)
+
+
+def test_moe_layer_benchmark_runs():
+    table = sm.spawn(checks.moe_layer_benchmark_smoke, 1)[0]
+    assert "| stock | 1 | 2 | 32 |" in table and "| flow | 1 | 2 | 32 |" in table

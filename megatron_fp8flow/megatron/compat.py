@@ -95,3 +95,12 @@ def moe_spec_function_modules() -> list:
     import megatron.core.models.gpt.moe_module_specs as moe_module_specs
 
     return [m for m in (moe_module_specs, gpt_layer_specs) if hasattr(m, "get_moe_module_spec_for_backend")]
+
+
+def build_from_spec(spec: Any, **kwargs):
+    """Build a module from a ``ModuleSpec`` (every version) or a ``functools.partial`` (0.18+)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if isinstance(spec, ModuleSpec):
+        return build_module(spec, **kwargs)
+    return spec(**kwargs)
