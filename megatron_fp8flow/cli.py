@@ -72,6 +72,21 @@ def _cmd_audit(args) -> int:
     return 0 if results.get("flow", {}).get("explicit") == 2 else 1
 
 
+def _cmd_recipe(args) -> int:
+    from .recipes import list_recipes, load_recipe, to_argv
+    from .recipes.recipe import parse_override
+
+    if args.action == "list":
+        print("\n".join(list_recipes()))
+        return 0
+    if not args.name:
+        print("fp8flow recipe argv needs a recipe name (see: fp8flow recipe list)", file=sys.stderr)
+        return 2
+    recipe = load_recipe(args.name, dict(parse_override(kv) for kv in args.set))
+    print(" ".join(to_argv(recipe)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp8flow", description="FP8-Flow MoE for Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gemm-backend", default="auto", choices=["auto", "cublas", "triton", "emulated"])
     a.add_argument("--json", help="also write the counts to this JSON file")
     a.set_defaults(func=_cmd_audit)
+
+    r = sub.add_parser("recipe", help="list the YAML recipes, or print a recipe's Megatron arguments")
+    r.add_argument("action", choices=["list", "argv"])
+    r.add_argument("name", nargs="?", help="recipe name (configs/...) or path")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an argument (fp8flow.mode=... for the plugin's settings)")
+    r.set_defaults(func=_cmd_recipe)
     return p
 
 

@@ -1,0 +1,158 @@
+"""Load, inherit and validate YAML recipes, and turn them into Megatron command lines.
+
+A recipe is a flat map of Megatron arguments in snake_case (``num_layers: 61``), an optional
+``extends:`` (a recipe name or a path relative to the file; later keys override) and an optional
+``fp8flow:`` section with :class:`~megatron_fp8flow.megatron.settings.FP8FlowSettings` fields
+plus ``enabled``. Every key is checked against Megatron's arguments (``TransformerConfig``'s
+fields from the installed megatron-core and the training arguments of
+:mod:`.training_args`) and every ``fp8flow`` value against the plugin's settings; an error
+names the recipe file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from .training_args import TRAINING_ARGS
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+FP8FLOW_KEYS = {"enabled", "mode", "sat_variant", "align", "recompute_experts", "gemm_backend"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class Recipe:
+    name: str
+    args: Dict[str, Any]
+    fp8flow: Dict[str, Any] = field(default_factory=dict)
+    sources: List[str] = field(default_factory=list)  # the files, most derived first
+
+    @property
+    def fp8flow_enabled(self) -> bool:
+        return bool(self.fp8flow.get("enabled", bool(self.fp8flow)))
+
+
+def list_recipes(config_dir: Path = CONFIG_DIR) -> List[str]:
+    """Names of the recipes in ``configs/`` (paths below it, without .yaml)."""
+    return sorted(str(p.relative_to(config_dir).with_suffix("")) for p in config_dir.rglob("*.yaml"))
+
+
+def find_recipe(name_or_path: Union[str, Path], relative_to: Optional[Path] = None,
+                config_dir: Path = CONFIG_DIR) -> Path:
+    candidates = [Path(name_or_path)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name_or_path)
+    candidates.append(config_dir / name_or_path)
+    candidates += [c.with_suffix(".yaml") for c in list(candidates) if c.suffix != ".yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    known = ", ".join(list_recipes(config_dir)) or "none"
+    raise RecipeError(f"recipe {str(name_or_path)!r} not found (a path, or one of: {known})")
+
+
+def _known_args() -> set:
+    names = set(TRAINING_ARGS)
+    try:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+        for cls in (TransformerConfig, MLATransformerConfig):
+            names |= {f.name for f in dataclasses.fields(cls)}
+    except ImportError:  # without megatron-core only the training arguments are known
+        pass
+    return names
+
+
+def _read(path: Path, seen: tuple) -> Recipe:
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a map of argument: value, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    fp8 = data.pop("fp8flow", None) or {}
+    if not isinstance(fp8, dict):
+        raise RecipeError(f"{path}: 'fp8flow' must be a map of settings, got {fp8!r}")
+    base = _read(find_recipe(parent, path.parent), (*seen, path)) if parent else Recipe(path.stem, {}, {}, [])
+    return Recipe(path.stem, {**base.args, **data}, {**base.fp8flow, **fp8}, [str(path), *base.sources])
+
+
+def validate(recipe: Recipe) -> Recipe:
+    known = _known_args()
+    where = recipe.sources[0] if recipe.sources else recipe.name
+    for key, value in recipe.args.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise RecipeError(f"{where}: unknown Megatron argument {key!r}{hint}")
+        if isinstance(value, dict):
+            raise RecipeError(f"{where}: {key!r} must be a value or a list, not a map")
+    for key in recipe.fp8flow:
+        if key not in FP8FLOW_KEYS:
+            raise RecipeError(f"{where}: unknown fp8flow setting {key!r}; expected one of {sorted(FP8FLOW_KEYS)}")
+    if recipe.fp8flow_enabled:
+        from ..megatron.settings import FP8FlowSettings
+
+        try:
+            FP8FlowSettings(**{k: v for k, v in recipe.fp8flow.items() if k != "enabled"})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{where}: fp8flow: {err}") from err
+    return recipe
+
+
+def load_recipe(name_or_path: Union[str, Path], overrides: Optional[Dict[str, Any]] = None) -> Recipe:
+    """Read a recipe (with its ``extends`` chain), apply ``overrides`` (``fp8flow.mode`` style
+    keys reach the fp8flow section) and validate it."""
+    recipe = _read(find_recipe(name_or_path), ())
+    for key, value in (overrides or {}).items():
+        if key.startswith("fp8flow."):
+            recipe.fp8flow[key.split(".", 1)[1]] = value
+        else:
+            recipe.args[key] = value
+    return validate(recipe)
+
+
+def parse_override(text: str) -> tuple:
+    """``key=value`` from the command line; the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise RecipeError(f"--set takes key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def to_argv(recipe: Recipe) -> List[str]:
+    """Megatron command-line arguments: ``--kebab-case value``; True gives the bare flag, False and
+    None are left out, lists give several values; the fp8flow section gives ``--moe-fp8-flow*``."""
+    argv: List[str] = []
+    for key, value in recipe.args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    if recipe.fp8flow_enabled:
+        argv.append("--moe-fp8-flow")
+        names = {"mode": "--moe-fp8-flow-mode", "sat_variant": "--moe-fp8-flow-sat", "align": "--moe-fp8-flow-align",
+                 "gemm_backend": "--moe-fp8-flow-gemm-backend"}
+        for key, flag in names.items():
+            if key in recipe.fp8flow:
+                argv += [flag, str(recipe.fp8flow[key])]
+        if recipe.fp8flow.get("recompute_experts"):
+            argv.append("--moe-fp8-flow-recompute-experts")
+    return argv
