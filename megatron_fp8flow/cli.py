@@ -87,6 +87,19 @@ def _cmd_recipe(args) -> int:
     return 0
 
 
+def _cmd_patch(args) -> int:
+    from .patching import PatchError, apply
+
+    try:
+        results = apply(args.checkout, dry_run=args.dry_run)
+    except PatchError as err:
+        print(f"fp8flow patch: {err}", file=sys.stderr)
+        return 1
+    for r in results:
+        print(f"{r.patch.parent.name}/{r.patch.name}: {r.status}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp8flow", description="FP8-Flow MoE for Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an argument (fp8flow.mode=... for the plugin's settings)")
     r.set_defaults(func=_cmd_recipe)
+
+    pt = sub.add_parser("patch", help="add the plugin to a Megatron-LM checkout's pretrain_gpt.py")
+    pt.add_argument("checkout", help="path of the Megatron-LM checkout (or fork)")
+    pt.add_argument("--dry-run", action="store_true", help="only check that the patch applies")
+    pt.set_defaults(func=_cmd_patch)
     return p
 
 

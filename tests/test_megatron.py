@@ -164,3 +164,25 @@ def test_unsupported_configurations_are_named():
 def test_moe_layer_benchmark_runs():
     table = sm.spawn(checks.moe_layer_benchmark_smoke, 1)[0]
     assert "| stock | 1 | 2 | 32 |" in table and "| flow | 1 | 2 | 32 |" in table
+
+
+def test_launch_hooks_follow_the_parsed_flags():
+    """The patched pretrain_gpt.py installs the hook before arguments exist; the hook asks for
+    the settings each time a spec is built (off: the stock layer)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_fp8flow.megatron import FP8FlowMoELayer
+    from megatron_fp8flow.megatron.compat import spec_builds
+    from megatron_fp8flow.megatron.launch import fp8flow_extra_args
+
+    parser = fp8flow_extra_args(None)(argparse.ArgumentParser())
+    flags = {"on": parser.parse_args(["--moe-fp8-flow"]), "off": parser.parse_args([])}
+    state = {"args": flags["off"]}
+    try:
+        install(lambda: settings_from_args(state["args"]))
+        assert spec_builds(get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is MoELayer
+        state["args"] = flags["on"]
+        assert spec_builds(get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is FP8FlowMoELayer
+    finally:
+        uninstall()

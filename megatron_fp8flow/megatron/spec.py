@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 from . import compat
 from .settings import FP8FlowSettings
@@ -67,9 +67,13 @@ def apply_fp8flow_to_spec(spec: Any, settings: Optional[FP8FlowSettings] = None)
     return visit(spec)
 
 
-def install(settings: Optional[FP8FlowSettings] = None) -> None:
+def install(settings: Union[FP8FlowSettings, Callable[[], Optional[FP8FlowSettings]], None] = None) -> None:
     """Hook Megatron's MoE spec builder (``get_moe_module_spec_for_backend``) so every MoE
-    layer it builds uses the plugin. Calling it again only updates the settings."""
+    layer it builds uses the plugin. Calling it again only updates the settings.
+
+    ``settings`` may be a function, asked each time a spec is built (None from it leaves the
+    stock layer): the Megatron-LM patch passes one that reads ``--moe-fp8-flow`` from the
+    parsed arguments, which exist only after the hook is installed."""
     compat.megatron_version()
     settings = settings or FP8FlowSettings()
     for module in compat.moe_spec_function_modules():
@@ -80,13 +84,14 @@ def install(settings: Optional[FP8FlowSettings] = None) -> None:
 
         @functools.wraps(original)
         def hooked(*args, __original=original, **kwargs):
-            return apply_fp8flow_to_spec(__original(*args, **kwargs), current_settings())
+            spec, settings = __original(*args, **kwargs), current_settings()
+            return spec if settings is None else apply_fp8flow_to_spec(spec, settings)
 
         setattr(hooked, _MARKER, True)
         hooked.__wrapped__ = original
         module.get_moe_module_spec_for_backend = hooked
-        logger.info("megatron_fp8flow: hooked %s.get_moe_module_spec_for_backend (mode %s)",
-                    module.__name__, settings.mode)
+        logger.info("megatron_fp8flow: hooked %s.get_moe_module_spec_for_backend (%s)", module.__name__,
+                    "settings from the parsed arguments" if callable(settings) else f"mode {settings.mode}")
     _state["settings"] = settings
 
 
@@ -94,8 +99,10 @@ _state: dict = {}
 
 
 def current_settings() -> Optional[FP8FlowSettings]:
-    """The settings of the installed hook, or None when it is not installed."""
-    return _state.get("settings")
+    """The settings of the installed hook (resolved if it was given a function), or None when it
+    is not installed or the function says the plugin is off."""
+    settings = _state.get("settings")
+    return settings() if callable(settings) else settings
 
 
 def uninstall() -> None:
