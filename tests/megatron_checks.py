@@ -106,3 +106,13 @@ def moe_layer_benchmark_smoke(rank, world, port, queue):
     result = moe_layer.run(hidden=128, moe_ffn=128, local_experts=2, topk=2, tokens=32,
                            modes=("stock", "bf16", "flow"), reps=1, warmup=1)
     queue.put((rank, None if result is None else moe_layer.render(result)))
+
+
+def compact_loop_smoke(rank, world, port, queue):
+    """Two steps of the compact training loop on the tiny CPU recipe (shortened)."""
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training.loop import train
+
+    recipe = load_recipe("proxies/tiny_cpu", {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2,
+                                              "global_batch_size": 4, "log_interval": 1})
+    queue.put((rank, train(recipe, steps=2)))

@@ -1,0 +1,88 @@
+"""A Megatron-Core GPT from a recipe's arguments (the compact loop's model: the same
+megatron-core modules ``pretrain()`` builds, with the plugin's MoE layers when enabled)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Megatron-LM training flags that are not TransformerConfig fields, and what they mean there.
+_RENAMED = {"norm_epsilon": "layernorm_epsilon", "num_query_groups": "num_query_groups"}
+_MODEL_ONLY = {"vocab_size", "seq_length", "max_position_embeddings", "position_embedding_type", "rotary_base",
+               "rotary_percent", "untie_embeddings_and_output_weights"}
+
+
+def layer_freq(value):
+    """``moe_layer_freq`` as Megatron-LM accepts it: an int, a list, or a list expression like
+    "([0]*3+[1]*58)" (evaluated without ``eval``: literals, lists, + and * only)."""
+    if isinstance(value, (int, list)):
+        return value
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise ValueError(f"moe_layer_freq {value!r}: only integers, lists, + and * are allowed")
+
+    return ev(ast.parse(str(value), mode="eval").body)
+
+
+def config_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
+    """TransformerConfig keyword arguments from a recipe's Megatron arguments."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    kw: Dict[str, Any] = {}
+    for key, value in args.items():
+        key = _RENAMED.get(key, key)
+        if key in fields and value is not None:
+            kw[key] = value
+    if args.get("swiglu"):
+        kw.update(gated_linear_unit=True, activation_func=F.silu)
+    if args.get("disable_bias_linear"):
+        kw["add_bias_linear"] = False
+    if "moe_layer_freq" in kw:
+        kw["moe_layer_freq"] = layer_freq(kw["moe_layer_freq"])
+    if args.get("bf16"):
+        kw["params_dtype"] = torch.bfloat16
+    kw.setdefault("hidden_dropout", 0.0)
+    kw.setdefault("attention_dropout", 0.0)
+    kw["use_cpu_initialization"] = not torch.cuda.is_available()
+    return kw
+
+
+def build_model(args: Dict[str, Any], fp8flow: Optional[Any] = None):
+    """GPTModel from the recipe arguments; ``fp8flow`` (FP8FlowSettings) swaps in the plugin."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ..megatron.spec import apply_fp8flow_to_spec
+
+    if args.get("multi_latent_attention"):
+        raise ValueError("the compact loop builds Megatron's local (non-TE) layers, whose attention does not take "
+                         "MLA; run MLA recipes through Megatron-LM's pretrain (fp8flow train on a machine with "
+                         "megatron.training)")
+    cfg = TransformerConfig(**config_kwargs(args))
+    layer = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
+                                     normalization=cfg.normalization)
+    mtp = get_gpt_mtp_block_spec(cfg, layer, use_transformer_engine=False) if cfg.mtp_num_layers else None
+    if fp8flow is not None:
+        layer, mtp = apply_fp8flow_to_spec(layer, fp8flow), apply_fp8flow_to_spec(mtp, fp8flow)
+    model = GPTModel(
+        cfg, transformer_layer_spec=layer, vocab_size=args["vocab_size"],
+        max_sequence_length=args.get("max_position_embeddings", args["seq_length"]),
+        position_embedding_type=args.get("position_embedding_type", "rope"),
+        rotary_base=args.get("rotary_base", 10000),
+        share_embeddings_and_output_weights=not args.get("untie_embeddings_and_output_weights", False),
+        mtp_block_spec=mtp,
+    )
+    return model.cuda() if torch.cuda.is_available() else model
