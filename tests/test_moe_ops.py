@@ -303,3 +303,48 @@ def test_permute_roundtrip_property(device, n, e, topk, align, seed):
     assert_bits_equal(p.cpu(), exp_p)
     back = ops.unpad_unpermute(rows, perm).cpu()
     torch.testing.assert_close(back, x * rm.sum(1, keepdim=True), rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_paths_match_the_kernels(monkeypatch):
+    """CPU runs without the Triton interpreter use plain-PyTorch forms of the data-movement and
+    SwiGLU kernels: the same bits for data movement, fp32-rounding-close for the SwiGLU."""
+    from megatron_fp8flow.kernels import gather_rows, scatter_rows, swiglu_quant
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU paths are compared with the interpreted kernels on a CPU machine")
+    g = torch.Generator().manual_seed(4)
+    n, e, topk, h = 37, 5, 2, 256
+    scores = torch.rand(n, e, generator=g)
+    routing = torch.zeros(n, e, dtype=torch.bool).scatter_(1, scores.topk(topk, dim=1).indices, True)
+    routing[3] = False  # a token routed nowhere
+    perm = ops.plan_permutation(routing, topk, 16)
+    x = fp8.quantize(torch.randn(n, h, generator=g).bfloat16())
+    probs = torch.rand(n, e, generator=g)
+    kernel = scatter_rows.scatter_rows(x.data, perm.row_map, perm.counts, perm.offsets, perm.num_out_rows, 16,
+                                       src_scales=x.scale_inv, probs=probs, slot_expert=perm.slot_expert)
+    plain = scatter_rows._scatter_rows_torch(x.data, perm.row_map, perm.num_out_rows, x.scale_inv, probs,
+                                             perm.slot_expert)
+    assert torch.equal(kernel[0].view(torch.uint8), plain[0].view(torch.uint8))
+    assert torch.equal(kernel[1], plain[1]) and torch.equal(kernel[2], plain[2])
+    rows = torch.randn(perm.num_out_rows, h, generator=g).bfloat16()
+    gp = torch.randn(perm.num_out_rows, generator=g)
+    kernel = gather_rows.gather_sum_rows(rows, perm.row_map, n, grad_probs=gp, slot_expert=perm.slot_expert,
+                                         num_experts=e)
+    plain = gather_rows._gather_sum_rows_torch(rows, perm.row_map, n, gp, perm.slot_expert, e)
+    assert torch.equal(kernel[0], plain[0]) and torch.equal(kernel[1], plain[1])
+
+    m, f = 40, 256
+    xs = (torch.randn(m, 2 * f, generator=g) * 3).bfloat16()
+    w, dy = torch.rand(m, generator=g), torch.randn(m, f, generator=g).bfloat16()
+    fwd_k = swiglu_quant.swiglu_quant_forward(xs, w, torch.float32)
+    bwd_k = swiglu_quant.swiglu_quant_backward(dy, xs, w)
+    monkeypatch.setattr(swiglu_quant, "use_cpu_path", lambda *t: True)
+    fwd_p = swiglu_quant.swiglu_quant_forward(xs, w, torch.float32)
+    bwd_p = swiglu_quant.swiglu_quant_backward(dy, xs, w)
+    assert torch.allclose(fwd_k[2], fwd_p[2], rtol=1e-5, atol=1e-6)
+    for k, p in ((fwd_k, fwd_p), (bwd_k, bwd_p)):
+        dk = fp8.BlockwiseFP8Tensor(k[0], k[1], fp8.Layout.ROWWISE, tuple(k[0].shape)).dequantize()
+        dp = fp8.BlockwiseFP8Tensor(p[0], p[1], fp8.Layout.ROWWISE, tuple(p[0].shape)).dequantize()
+        assert ((dk - dp).abs() <= 2.0**-3 * dk.abs() + 1e-30).all()  # at most one E4M3 step apart
+        assert (k[0].view(torch.uint8) != p[0].view(torch.uint8)).float().mean() < 0.01
+    assert torch.allclose(bwd_k[2], bwd_p[2], rtol=1e-4, atol=1e-5)

@@ -31,6 +31,14 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def use_cpu_path(*tensors: torch.Tensor) -> bool:
+    """True for CPU tensors without the Triton interpreter: the data-movement and SwiGLU ops then
+    run their plain-PyTorch forms (data movement bit-identical to the kernels, SwiGLU within the
+    fp32 rounding of exp, division and the order of the dw sum), fast enough for CPU runs,
+    which interpretation is not. Tests compare them with the kernels."""
+    return not interpreter_active() and all(t is None or t.device.type == "cpu" for t in tensors)
+
+
 def check_launchable(*tensors: torch.Tensor) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors only under the interpreter: say so plainly."""
     for t in tensors:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_common import check_launchable, interpreter_active, to_output_dtype
+from .fp8_common import use_cpu_path, check_launchable, interpreter_active, to_output_dtype
 
 
 @triton.jit
@@ -50,6 +50,8 @@ def gather_sum_rows(
     num_warps: int = 4,
 ):
     """Returns (dst [N, H] in src's dtype, probs gradient [N, E] fp32 or None)."""
+    if use_cpu_path(src, row_map):
+        return _gather_sum_rows_torch(src, row_map, num_tokens, grad_probs, slot_expert, num_experts)
     check_launchable(src, row_map)
     _, h = src.shape
     topk = row_map.shape[1]
@@ -70,3 +72,18 @@ def gather_sum_rows(
             EMULATE=interpreter_active(), num_warps=num_warps,
         )
     return dst, dst_gp
+
+
+def _gather_sum_rows_torch(src, row_map, num_tokens, grad_probs=None, slot_expert=None, num_experts=0):
+    """The kernel's result in plain PyTorch (CPU without the interpreter): each token's rows summed
+    in fp32 in slot order, as the kernel does, then rounded once."""
+    acc = torch.zeros(num_tokens, src.shape[1], dtype=torch.float32)
+    dst_gp = None if grad_probs is None else torch.zeros(num_tokens, num_experts, dtype=torch.float32)
+    for s in range(row_map.shape[1]):
+        rows = row_map[:, s]
+        ok = rows >= 0
+        acc[ok] += src[rows[ok].long()].float()
+        if grad_probs is not None:
+            tokens = ok.nonzero().squeeze(1)
+            dst_gp[tokens, slot_expert[ok, s].long()] = grad_probs[rows[ok].long()].float()
+    return acc.to(src.dtype), dst_gp

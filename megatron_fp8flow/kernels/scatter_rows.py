@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_common import check_launchable
+from .fp8_common import use_cpu_path, check_launchable
 
 
 @triton.jit
@@ -83,6 +83,8 @@ def scatter_rows(
     ``row_map``/``slot_expert`` are int32 [N, topk]; ``counts`` int32 [E]; ``offsets`` int32
     [E + 1] (cumulative padded sizes). FP8 data is moved through a uint8 view.
     """
+    if use_cpu_path(src, row_map):
+        return _scatter_rows_torch(src, row_map, num_out_rows, src_scales, probs, slot_expert)
     check_launchable(src, row_map)
     n, h = src.shape
     topk = row_map.shape[1]
@@ -111,4 +113,26 @@ def scatter_rows(
             TOPK=topk, BLOCK_H=block_h, ALIGN_P2=triton.next_power_of_2(max(align, 2)),
             HAS_SCALES=src_scales is not None, HAS_PROBS=probs is not None, num_warps=num_warps,
         )
+    return dst, dst_scales, dst_probs
+
+
+def _scatter_rows_torch(src, row_map, num_out_rows, src_scales=None, probs=None, slot_expert=None):
+    """The kernel's result in plain PyTorch (CPU without the interpreter): rows copied to their
+    slots, everything else zero. Bytes move unchanged, so the result is identical."""
+    n, h = src.shape
+    valid = row_map >= 0
+    token = torch.arange(n).unsqueeze(1).expand_as(row_map)[valid]
+    rows = row_map[valid].long()
+    moved = src.view(torch.uint8) if src.dtype == torch.float8_e4m3fn else src
+    dst = torch.zeros(num_out_rows, h, dtype=moved.dtype)
+    dst[rows] = moved[token]
+    if src.dtype == torch.float8_e4m3fn:
+        dst = dst.view(torch.float8_e4m3fn)
+    dst_scales = dst_probs = None
+    if src_scales is not None:
+        dst_scales = torch.zeros(num_out_rows, src_scales.shape[1], dtype=torch.float32)
+        dst_scales[rows] = src_scales[token]
+    if probs is not None:
+        dst_probs = torch.zeros(num_out_rows, dtype=torch.float32)
+        dst_probs[rows] = probs[token, slot_expert[valid].long()].float()
     return dst, dst_scales, dst_probs

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.format import FP8_DTYPE
-from .fp8_common import fp8_view, interpreter_active, needs_emulated_cast, quantize_tile, to_output_dtype
+from .fp8_common import use_cpu_path, fp8_view, interpreter_active, needs_emulated_cast, quantize_tile, to_output_dtype
 
 
 @triton.jit
@@ -120,6 +120,12 @@ def swiglu_quant_forward(
     f = _check(x, w)
     if not quantize and y_dtype is None:
         raise ValueError("quantize=False needs y_dtype: the kernel would produce nothing")
+    if use_cpu_path(x, w):
+        from ..ops import reference as ops_ref
+
+        y = ops_ref.weighted_swiglu(x, w, torch.float32)
+        data, scale_inv = ops_ref.fp8_ref.quantize_rowwise(y) if quantize else (None, None)
+        return data, scale_inv, None if y_dtype is None else y.to(y_dtype)
     m = x.shape[0]
     dev = x.device
     data = torch.empty(m, f, dtype=FP8_DTYPE, device=dev) if quantize else None
@@ -151,6 +157,15 @@ def swiglu_quant_backward(
     m = x.shape[0]
     if g.shape != (m, f) or g.stride(1) != 1:
         raise ValueError(f"grad must be [M, F] = [{m}, {f}] with unit last stride, got {tuple(g.shape)}")
+    if use_cpu_path(g, x, w):
+        from ..ops import reference as ops_ref
+
+        d_gate, d_up, dw = ops_ref.weighted_swiglu_backward(g, x, w, torch.float32)
+        dx = torch.cat([d_gate, d_up], dim=1)
+        if dx_dtype is None:
+            data, scale_inv = ops_ref.fp8_ref.quantize_rowwise(dx)
+            return data, scale_inv, dw
+        return dx.to(dx_dtype), None, dw
     dev = x.device
     quantize = dx_dtype is None
     if quantize:
