@@ -26,6 +26,7 @@ setup(
         "triton>=3.0",
         "pyyaml>=6.0",
         "rich>=13.0",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "megatron": ["megatron-core>=0.16.1,<0.20"],

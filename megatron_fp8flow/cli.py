@@ -100,6 +100,22 @@ def _cmd_patch(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .recipes.recipe import parse_override
+    from .training import compare
+
+    recipe = args.recipe if args.command == "train" else compare.demo_recipe()
+    precisions = [p.strip() for p in args.compare.split(",")] if args.compare else ["fp8flow"]
+    if args.command == "demo":
+        precisions = ["bf16", "fp8flow"]
+    overrides = dict(parse_override(kv) for kv in getattr(args, "set", []) or [])
+    results = compare.run(recipe, precisions, steps=args.steps, overrides=overrides, out_dir=args.out)
+    print()
+    print(compare.table(results))
+    print(f"\nLoss curves: {args.out}/loss_curves.png; figures: {args.out}/compare.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp8flow", description="FP8-Flow MoE for Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("checkout", help="path of the Megatron-LM checkout (or fork)")
     pt.add_argument("--dry-run", action="store_true", help="only check that the patch applies")
     pt.set_defaults(func=_cmd_patch)
+
+    t = sub.add_parser("train", help="train a recipe with the compact loop (one process)")
+    t.add_argument("recipe", help="recipe name (see fp8flow recipe list) or path")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    t.add_argument("--steps", type=int, help="training steps (default: the recipe's train_iters)")
+    t.add_argument("--compare", help="precisions to train side by side, e.g. bf16,fp8flow (default: fp8flow)")
+    t.add_argument("--out", default="fp8flow_results", help="directory for the figures and the loss plot")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("demo", help="the main job: the proxy that fits this machine, bf16 and fp8flow "
+                                    "side by side on real text, a table and a loss plot")
+    d.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    d.add_argument("--out", default="fp8flow_results", help="directory for the figures and the loss plot")
+    d.set_defaults(func=_cmd_train, compare=None)
     return p
 
 

@@ -48,3 +48,25 @@ def test_compact_loop_trains_two_steps():
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and 3.0 < h["loss"] < 8.0 for h in history)  # ~ln(256) = 5.5 at the start
     assert all(h["tokens_per_s"] > 0 for h in history)
+
+
+def test_train_command_compares_precisions(tmp_path):
+    """`fp8flow train --compare` end to end in a fresh process (the CPU shims stay out of this
+    one), on the plain-PyTorch CPU paths: progress lines, the table, the JSON and the plot."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_fp8flow.cli", "train", "proxies/tiny_cpu", "--steps", "4", "--compare",
+         "bf16,fp8flow", "--set", "log_interval=2", "--set", "seq_length=16", "--set", "max_position_embeddings=16",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[bf16] step 2/4" in out.stdout and "[fp8flow] step 4/4" in out.stdout
+    assert "| fp8flow | 4 |" in out.stdout
+    results = json.loads((tmp_path / "compare.json").read_text())
+    assert set(results) == {"bf16", "fp8flow"} and len(results["fp8flow"]["history"]) == 2
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
