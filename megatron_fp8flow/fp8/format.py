@@ -129,12 +129,12 @@ class GroupSplits:
         for v in sizes:
             rows.append(rows[-1] + v)
             blocks.append(blocks[-1] + cdiv(v, BLOCK))
-        sizes_dev, rows_dev, blocks_dev = _host_ints_to_device([sizes, rows, blocks], device)
+        sizes_dev, rows_dev, blocks_dev = host_ints_to_device([sizes, rows, blocks], device)
         alignment = math.gcd(*sizes, BLOCK) if sizes else BLOCK
         return cls(num_rows, len(sizes), sizes, sizes_dev, rows_dev, blocks_dev, blocks[-1], alignment)
 
 
-def _host_ints_to_device(lists, device) -> list:
+def host_ints_to_device(lists, device) -> list:
     """int32 device copies of host lists in one copy that does not wait for the GPU: a plain
     ``torch.tensor(..., device="cuda")`` synchronizes the stream, which would stall the host
     (and its run-ahead of the GPU) once per MoE layer. Pinned memory makes the copy asynchronous."""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from ..fp8.format import _host_ints_to_device
+from ..fp8.format import host_ints_to_device
 from ..ops.cast import DequantizeGradient, DequantizeRows, QuantizeGradient, QuantizeRows
 from ..ops.comm import AllToAllRows
 from ..ops.permute import PermutePad, UnpadUnpermute, plan_permutation
@@ -53,6 +53,17 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.settings = settings
         self.ep_rank = dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
 
+    @property
+    def _quantizes_at_layer_edges(self) -> bool:
+        """Tokens are quantized once entering the layer and the gradient once leaving it: always
+        in the flow modes; in the blockwise baseline only around an actual all-to-all."""
+        return self.settings.fp8_experts or (self.settings.fp8_dispatch and self.ep_size > 1)
+
+    @property
+    def _bf16_experts_after_fp8_all_to_all(self) -> bool:
+        """The blockwise baseline: FP8 crosses the all-to-all, bf16 reaches the experts."""
+        return self.settings.fp8_dispatch and not self.settings.fp8_experts
+
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self.hidden_shape = hidden_states.shape
@@ -63,7 +74,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         local_align = self.settings.align if self.ep_size == 1 else 1
         self.src_perm = plan_permutation(routing_map, self.config.moe_router_topk, local_align,
                                          tokens_per_expert=self.my_counts)
-        if self.settings.fp8_experts or (self.settings.fp8_dispatch and self.ep_size > 1):
+        if self._quantizes_at_layer_edges:
             x = QuantizeRows.apply(x)  # the forward's one cast
         return PermutePad.apply(x, probs, self.src_perm)
 
@@ -98,13 +109,13 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         L = self.num_local_experts
         dev = global_probs.device
         rows = sum(self.chunk_counts)
-        chunk_expert, chunk_rows = _host_ints_to_device([list(range(L)) * self.ep_size, self.chunk_counts], dev)
+        chunk_expert, chunk_rows = host_ints_to_device([list(range(L)) * self.ep_size, self.chunk_counts], dev)
         expert_of_row = torch.repeat_interleave(chunk_expert.long(), chunk_rows.long(), output_size=rows)
         routing = F.one_hot(expert_of_row, L).bool()
         probs = routing.to(global_probs.dtype) * global_probs.reshape(-1, 1)
         self.dst_perm = plan_permutation(routing, 1, self.settings.align, tokens_per_expert=self.local_counts)
         tokens = global_input_tokens
-        if not self.settings.fp8_experts and self.settings.fp8_dispatch:
+        if self._bf16_experts_after_fp8_all_to_all:
             tokens = DequantizeRows.apply(tokens)  # the baseline's dequantize after the all-to-all
         rows_out, probs_out = PermutePad.apply(tokens, probs, self.dst_perm)
         return rows_out, list(self.dst_perm.padded_sizes_host), probs_out
@@ -114,7 +125,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.ep_size == 1:
             return hidden_states
         rows = UnpadUnpermute.apply(hidden_states, self.dst_perm)
-        if not self.settings.fp8_experts and self.settings.fp8_dispatch:
+        if self._bf16_experts_after_fp8_all_to_all:
             rows = DequantizeGradient.apply(rows)  # the baseline's dequantize of the FP8 gradient
         return rows
 
@@ -125,6 +136,6 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def combine_postprocess(self, hidden_states):
         out = UnpadUnpermute.apply(hidden_states, self.src_perm)
-        if self.settings.fp8_experts or (self.settings.fp8_dispatch and self.ep_size > 1):
+        if self._quantizes_at_layer_edges:
             out = QuantizeGradient.apply(out)  # the backward's one cast
         return out.view(self.hidden_shape)

@@ -92,13 +92,14 @@ def _ep_size() -> int:
 
 
 def layer_specs(cfg, settings: Optional[FP8FlowSettings]):
-    """(decoder layer spec, MTP block spec): stock local (non-TE) specs, or the plugin's."""
+    """(decoder layer spec, MTP block spec) for ``cfg``: stock local (non-TE) specs, or the
+    plugin's. Also the compact training loop's model specs."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 
     from .spec import apply_fp8flow_to_spec
 
     layer = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
-                                     normalization="RMSNorm")
+                                     normalization=cfg.normalization)
     mtp = get_gpt_mtp_block_spec(cfg, layer, use_transformer_engine=False) if cfg.mtp_num_layers else None
     if settings is not None:
         layer, mtp = apply_fp8flow_to_spec(layer, settings), apply_fp8flow_to_spec(mtp, settings)

@@ -61,22 +61,17 @@ def config_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
 
 def build_model(args: Dict[str, Any], fp8flow: Optional[Any] = None):
     """GPTModel from the recipe arguments; ``fp8flow`` (FP8FlowSettings) swaps in the plugin."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ..megatron.spec import apply_fp8flow_to_spec
+    from ..megatron.small_model import layer_specs
 
     if args.get("multi_latent_attention"):
         raise ValueError("the compact loop builds Megatron's local (non-TE) layers, whose attention does not take "
                          "MLA; run MLA recipes through Megatron-LM's pretrain (fp8flow train on a machine with "
                          "megatron.training)")
     cfg = TransformerConfig(**config_kwargs(args))
-    layer = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False,
-                                     normalization=cfg.normalization)
-    mtp = get_gpt_mtp_block_spec(cfg, layer, use_transformer_engine=False) if cfg.mtp_num_layers else None
-    if fp8flow is not None:
-        layer, mtp = apply_fp8flow_to_spec(layer, fp8flow), apply_fp8flow_to_spec(mtp, fp8flow)
+    layer, mtp = layer_specs(cfg, fp8flow)
     model = GPTModel(
         cfg, transformer_layer_spec=layer, vocab_size=args["vocab_size"],
         max_sequence_length=args.get("max_position_embeddings", args["seq_length"]),
