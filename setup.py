@@ -29,8 +29,8 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "megatron": ["megatron-core>=0.16.1,<0.20"],
-        "test": ["pytest>=7.4", "hypothesis>=6.100", "megatron-core>=0.16.1,<0.20"],
+        "megatron": ["megatron-core>=0.16.1,<0.20", "psutil"],  # psutil: Megatron's checkpoint writer
+        "test": ["pytest>=7.4", "hypothesis>=6.100", "megatron-core>=0.16.1,<0.20", "psutil"],
     },
     entry_points={"console_scripts": ["fp8flow=megatron_fp8flow.cli:main"]},
     classifiers=[

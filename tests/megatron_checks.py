@@ -66,14 +66,17 @@ def compare_with_stock(rank, world, port, modes, queue):
     queue.put((rank, out))
 
 
-def checkpoint_switch(rank, world, port, queue):
-    """Checkpoints move between the stock layer and the plugin both ways.
+def checkpoint_switch(rank, world, port, ckpt_root, queue):
+    """Distributed checkpoints move between the stock layer and the plugin both ways, with
+    Megatron's own writer and reader (torch_dist format): stock saves, the plugin loads (and
+    trains a step on what it loaded), the plugin saves, a fresh stock model loads; every
+    tensor is the stock model's. The sharded state dicts (keys, global shapes, offsets,
+    replica ids) are identical, which is what makes the files interchangeable."""
+    import os
 
-    * Distributed checkpoints are a function of the sharded state dict: the plugin's has the
-      same keys, global shapes, offsets, fragmentation and replica ids as the stock one, so a
-      checkpoint written by either is the same file set and loads into the other. (Writing
-      one in this harness hung: Megatron's writer forks processes from these spawned ranks.)
-    * Plain state dicts: stock -> plugin -> stock gives back every tensor unchanged."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
     sm.init_parallel(rank, world, ep=world, port=port)
     shape = sm.device_shape()
     cfg = sm.config(shape)
@@ -87,15 +90,32 @@ def checkpoint_switch(rank, world, port, queue):
             out[k] = (type(v).__name__, *(str(getattr(v, f, None)) for f in fields))
         return out
 
+    def save(model, name):
+        path = os.path.join(ckpt_root, name)
+        if rank == 0:
+            os.makedirs(path, exist_ok=True)
+        torch.distributed.barrier()
+        strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+        dist_checkpointing.save(model.sharded_state_dict(), path, sharded_strategy=strategy)
+        return path
+
+    def load(model, path):
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path), strict=True)
+
+    def same(a, b):
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(
+            torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+
     same_layout = layout(stock) == layout(plugin)
-    plugin.load_state_dict(stock.state_dict(), strict=True)
+    differed = not same(stock, plugin)  # different seeds: loading must change something
+    load(plugin, save(stock, "stock"))
+    plugin_loaded = same(stock, plugin)
+    resumed_loss = float(sm.loss_and_backward(plugin, sm.batch(shape, seed=5 + rank)))
     fresh = sm.build(cfg, shape=shape, seed=3)
-    before = [p.detach().clone() for p in fresh.parameters()]
-    fresh.load_state_dict(plugin.state_dict(), strict=True)
-    a, b = stock.state_dict(), fresh.state_dict()
-    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
-    changed = any(not torch.equal(p, q) for p, q in zip(before, fresh.parameters()))
-    queue.put((rank, {"same_layout": same_layout, "identical": identical, "loaded_something": changed}))
+    load(fresh, save(plugin, "plugin"))
+    queue.put((rank, {"same_layout": same_layout, "differed": differed, "plugin_loaded": plugin_loaded,
+                      "stock_reloaded": same(stock, fresh), "resumed_loss_finite": resumed_loss == resumed_loss}))
 
 
 def moe_layer_benchmark_smoke(rank, world, port, queue):
@@ -103,7 +123,8 @@ def moe_layer_benchmark_smoke(rank, world, port, queue):
     from megatron_fp8flow.benchmarks import moe_layer
 
     sm.init_parallel(rank, world, ep=world, port=port)
-    result = moe_layer.run(hidden=128, moe_ffn=128, local_experts=2, topk=2, tokens=32,
+    width = sm.device_shape().hidden  # cuBLAS's blockwise FP8 GEMMs need K % 512 == 0 on the GPU
+    result = moe_layer.run(hidden=width, moe_ffn=width, local_experts=2, topk=2, tokens=32,
                            modes=("stock", "bf16", "flow"), reps=1, warmup=1)
     queue.put((rank, None if result is None else moe_layer.render(result)))
 
