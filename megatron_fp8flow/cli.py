@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -100,6 +101,21 @@ def _cmd_patch(args) -> int:
     return 0
 
 
+def _relaunch_with_torchrun(nproc: int, overrides: dict) -> int:
+    """``fp8flow train --nproc N``: the same command under torchrun, one process per GPU, with
+    expert parallelism N unless the recipe or --set says otherwise (the loop then names the
+    mismatch)."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    if "expert_model_parallel_size" not in overrides:
+        argv += ["--set", f"expert_model_parallel_size={nproc}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "megatron_fp8flow.cli", *argv]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
 def _cmd_train(args) -> int:
     from .recipes.recipe import parse_override
     from .training import compare
@@ -108,11 +124,33 @@ def _cmd_train(args) -> int:
     precisions = [p.strip() for p in args.compare.split(",")] if args.compare else ["fp8flow"]
     if args.command == "demo":
         precisions = ["bf16", "fp8flow"]
+        if args.steps is None and recipe != "proxies/tiny_cpu":
+            args.steps = compare.DEMO_GPU_STEPS
     overrides = dict(parse_override(kv) for kv in getattr(args, "set", []) or [])
+    nproc = getattr(args, "nproc", 1) or 1
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(nproc, overrides)
     results = compare.run(recipe, precisions, steps=args.steps, overrides=overrides, out_dir=args.out)
+    if results is None:  # not rank 0
+        return 0
     print()
     print(compare.table(results))
     print(f"\nLoss curves: {args.out}/loss_curves.png; figures: {args.out}/compare.json")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .training import compare
+
+    results = compare.merge(args.dirs, args.out)
+    print(compare.table(results))
+    if len(results) > 1:
+        report = compare.convergence(results, window=args.window)
+        print()
+        print(compare.convergence_table(report, next(iter(results))))
+        with open(os.path.join(args.out, "convergence.json"), "w") as fh:
+            json.dump(report, fh, indent=1)
+    print(f"\nLoss curves: {args.out}/loss_curves.png")
     return 0
 
 
@@ -167,7 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="training steps (default: the recipe's train_iters)")
     t.add_argument("--compare", help="precisions to train side by side, e.g. bf16,fp8flow (default: fp8flow)")
     t.add_argument("--out", default="fp8flow_results", help="directory for the figures and the loss plot")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs) under torchrun; the compact loop runs expert parallelism EP = N")
     t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("compare", help="merge runs made apart (fp8flow train --out DIR, one per precision) into "
+                                       "one table, loss plot and convergence check")
+    c.add_argument("dirs", nargs="+", help="output directories of fp8flow train")
+    c.add_argument("--out", default="fp8flow_results", help="directory for the merged figures and plot")
+    c.add_argument("--window", type=int, default=20, help="moving-average window (logged points) for the check")
+    c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="the main job: the proxy that fits this machine, bf16 and fp8flow "
                                     "side by side on real text, a table and a loss plot")

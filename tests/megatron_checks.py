@@ -130,10 +130,45 @@ def moe_layer_benchmark_smoke(rank, world, port, queue):
 
 
 def compact_loop_smoke(rank, world, port, queue):
-    """Two steps of the compact training loop on the tiny CPU recipe (shortened)."""
-    from megatron_fp8flow.recipes import load_recipe
-    from megatron_fp8flow.training.loop import train
+    """Two steps of the compact training loop on the tiny CPU recipe (shortened); with two ranks,
+    EP = 2. Also returns the replicated (non-expert) parameters, which must stay equal on all ranks."""
+    import hashlib
+    import os
 
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training import loop
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
     recipe = load_recipe("proxies/tiny_cpu", {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2,
-                                              "global_batch_size": 4, "log_interval": 1})
-    queue.put((rank, train(recipe, steps=2)))
+                                              "global_batch_size": 4, "log_interval": 1,
+                                              "expert_model_parallel_size": world})
+    kept = {}
+    history = loop.train(recipe, steps=2, keep_model=kept)
+    model = kept["model"]
+    shared = {n: hashlib.sha256(p.detach().float().numpy().tobytes()).hexdigest()  # exact: bf16 -> fp32
+              for n, p in model.named_parameters() if not loop._is_expert(p)}
+    experts = sum(1 for p in model.parameters() if loop._is_expert(p))
+    queue.put((rank, {"history": history, "shared": shared, "expert_params": experts}))
+
+
+def model_specs(rank, world, port, queue):
+    """What the compact loop's specs build for a 3-layer MLA recipe with moe_layer_freq [0,1,1]."""
+    from megatron_fp8flow.megatron.compat import spec_builds
+    from megatron_fp8flow.megatron.spec import gpt_model_specs
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training.model import config_class, config_kwargs
+
+    sm.init_parallel(rank, world)
+    args = load_recipe("proxies/tiny_cpu", {"num_layers": 3, "moe_layer_freq": "[0,1,1]"}).args
+    cfg = config_class(args)(**config_kwargs(args))
+    block, mtp = gpt_model_specs(cfg, FP8FlowSettings())
+    stock, _ = gpt_model_specs(cfg, None)
+    mtp_layer = mtp.layer_specs[0].submodules.transformer_layer
+    queue.put((rank, {
+        "config": type(cfg).__name__,
+        "plugin": [spec_builds(layer.submodules.mlp).__name__ for layer in block.layer_specs],
+        "stock": [spec_builds(layer.submodules.mlp).__name__ for layer in stock.layer_specs],
+        "mtp": spec_builds(mtp_layer.submodules.mlp).__name__,
+        "attention": [layer.submodules.self_attention.submodules.core_attention.__name__
+                      for layer in block.layer_specs],
+    }))

@@ -32,6 +32,16 @@ def test_config_from_recipe():
     assert "vocab_size" not in kw and "lr" not in kw  # training arguments stay out of the model config
 
 
+def test_model_specs_follow_layer_freq_mla_and_mtp():
+    """The compact loop's specs: dense and MoE layers by moe_layer_freq, the plugin's MoE layer in
+    the decoder and the MTP block, SDPA core attention (MLA needs it without TE)."""
+    r = sm.spawn(checks.model_specs, 1)[0]
+    assert r["config"] == "MLATransformerConfig"
+    assert r["plugin"] == ["MLP", "FP8FlowMoELayer", "FP8FlowMoELayer"] and r["mtp"] == "FP8FlowMoELayer"
+    assert r["stock"] == ["MLP", "MoELayer", "MoELayer"]
+    assert r["attention"] == ["SDPAttention"] * 3
+
+
 def test_byte_corpus_is_real_text():
     data = corpus()
     assert len(data) > 400_000
@@ -43,11 +53,21 @@ def test_byte_corpus_is_real_text():
     assert not (ByteBatches(32, 3, seed=5).next()[0] != ids).any()  # seeded
 
 
-def test_compact_loop_trains_two_steps():
-    history = sm.spawn(checks.compact_loop_smoke, 1)[0]
+@pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
+def test_compact_loop_trains_two_steps(world):
+    ranks = sm.spawn(checks.compact_loop_smoke, world)
+    history = ranks[0]["history"]
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and 3.0 < h["loss"] < 8.0 for h in history)  # ~ln(256) = 5.5 at the start
     assert all(h["tokens_per_s"] > 0 for h in history)
+    losses = [[h["loss"] for h in r["history"]] for r in ranks]
+    assert all(lo == losses[0] for lo in losses)  # the logged loss is the mean over all ranks
+    if world == 2:
+        # Replicated parameters got the same summed gradients and updates on both ranks; each
+        # rank holds half of the experts (its own, different parameters).
+        a, b = ranks[0]["shared"], ranks[1]["shared"]
+        assert a.keys() == b.keys() and a == b
+        assert ranks[0]["expert_params"] > 0
 
 
 def test_train_command_compares_precisions(tmp_path):
@@ -70,3 +90,30 @@ def test_train_command_compares_precisions(tmp_path):
     results = json.loads((tmp_path / "compare.json").read_text())
     assert set(results) == {"bf16", "fp8flow"} and len(results["fp8flow"]["history"]) == 2
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+def test_convergence_criterion_and_merge(tmp_path):
+    import json
+
+    from megatron_fp8flow.training import compare
+
+    assert compare.smoothed([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    steps = range(1, 201)
+    base = [5.0 / (1 + 0.01 * s) + (0.05 if s % 2 else -0.05) for s in steps]  # decaying, noisy
+
+    def run(losses):
+        return {"recipe": "r", "history": [{"step": s, "loss": v, "tokens_per_s": 1.0, "peak_mem_gb": 1.0}
+                                           for s, v in zip(steps, losses)]}
+
+    close = [v * 1.001 for v in base]
+    late_drift = [v * (1.0 if s < 150 else 1.01) for s, v in zip(steps, base)]  # 1% off in the last quarter
+    report = compare.convergence({"bf16": run(base), "close": run(close), "drift": run(late_drift)})
+    assert report["close"]["passes"] and abs(report["close"]["max_abs_rel"] - 0.001) < 1e-9
+    assert not report["drift"]["passes"] and report["drift"]["max_abs_rel"] > 0.0025
+    for name, losses in (("bf16", base), ("fp8flow", close)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "compare.json").write_text(json.dumps({name: run(losses)}))
+    merged = compare.merge([str(tmp_path / "bf16"), str(tmp_path / "fp8flow")], str(tmp_path / "both"))
+    assert list(merged) == ["bf16", "fp8flow"] and (tmp_path / "both" / "loss_curves.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="more than one"):
+        compare.merge([str(tmp_path / "bf16"), str(tmp_path / "both")], str(tmp_path / "again"))

@@ -113,6 +113,45 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     return save_result({**env, "rows": [asdict(r) for r in rows]}, out_dir, f"moe_layer_{world}gpu.json")
 
 
+def profile(mode: str, hidden: int = 7168, moe_ffn: int = 2048, local_experts: int = 32, topk: int = 8,
+            tokens: int = 4096, rows: int = 25) -> str:
+    """Where one layer step of ``mode`` spends its time: torch.profiler over three steps after
+    warm-up, the top operators by device time, and host time per step beside device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from ..megatron import small_model as sm
+
+    shape = sm.SmallMoE(num_layers=1, hidden=hidden, heads=max(1, hidden // 128), ffn=4 * hidden,
+                        experts=local_experts, topk=topk, moe_ffn=moe_ffn, shared_ffn=moe_ffn, groups=8,
+                        group_topk=4, mtp_layers=0)
+    layer = _layer(mode, sm.config(shape))
+    x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(x)
+
+    def step():
+        out, _ = layer(x.detach().requires_grad_(True))
+        out.backward(dout)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        step()
+    host_ms = (time.perf_counter() - t0) * 1e3 / 3  # includes waiting for the device at the end
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / 3
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 3e3
+    return (f"{mode}: wall {wall_ms:.2f} ms/step, host returns after {host_ms:.2f} ms, device busy "
+            f"{busy:.2f} ms/step\n{table}")
+
+
 def render(result: dict) -> str:
     lines = [f"GPU: {result['gpu']}, torch {result['torch']}; one DeepSeek-V3 MoE layer, forward + backward", "",
              "| mode | GPUs | experts | tokens/GPU | step ms | peak GB | vs stock | vs bf16 |",
@@ -124,7 +163,8 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    """Entry point: ``torchrun --nproc_per_node N -m megatron_fp8flow.benchmarks.moe_layer [DIR]``."""
+    """Entry point: ``torchrun --nproc_per_node N -m megatron_fp8flow.benchmarks.moe_layer [DIR]``;
+    ``... --profile bf16,flow`` (one process) prints where each mode's step spends its time."""
     import sys
 
     from ..megatron import small_model as sm
@@ -132,6 +172,10 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     sm.init_parallel(rank, world, ep=world, port=int(os.environ.get("MASTER_PORT", 29531)))
+    if len(sys.argv) > 2 and sys.argv[1] == "--profile":
+        for mode in sys.argv[2].split(","):
+            print(profile(mode))
+        return
     result = run(sys.argv[1] if len(sys.argv) > 1 else None)
     if result is not None:
         print(render(result))

@@ -104,3 +104,22 @@ def build_from_spec(spec: Any, **kwargs):
     if isinstance(spec, ModuleSpec):
         return build_module(spec, **kwargs)
     return spec(**kwargs)
+
+
+def allow_mla_without_te() -> None:
+    """Let MLA be built from local (non-TE) layers when TransformerEngine is not installed.
+
+    Up to 0.17, ``multi_latent_attention`` sets its ``HAVE_TE`` from whether Megatron's TE
+    wrapper module imports, which it does without TE (it stands in mocks), and then calls
+    ``isinstance(linear_proj, TELinear)`` with ``TELinear`` not a type. Setting ``HAVE_TE`` to
+    the truth is the fix; 0.19 reads it from the wrapper and needs nothing. Idempotent."""
+    import logging
+
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if have_transformer_engine() or not getattr(mla, "HAVE_TE", False) or isinstance(mla.TELinear, type):
+        return
+    mla.HAVE_TE = False
+    logging.getLogger(__name__).info("megatron.core.transformer.multi_latent_attention.HAVE_TE set to False "
+                                     "(TransformerEngine is not installed; megatron-core %s)",
+                                     ".".join(map(str, megatron_version())))

@@ -92,8 +92,8 @@ def _ep_size() -> int:
 
 
 def layer_specs(cfg, settings: Optional[FP8FlowSettings]):
-    """(decoder layer spec, MTP block spec) for ``cfg``: stock local (non-TE) specs, or the
-    plugin's. Also the compact training loop's model specs."""
+    """(decoder layer spec, MTP block spec) for ``cfg``: stock local (non-TE) specs with every
+    layer MoE, or the plugin's."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 
     from .spec import apply_fp8flow_to_spec

@@ -113,3 +113,54 @@ def uninstall() -> None:
             module.get_moe_module_spec_for_backend = current.__wrapped__
             logger.info("megatron_fp8flow: restored %s.get_moe_module_spec_for_backend", module.__name__)
     _state.pop("settings", None)
+
+
+def use_core_attention(spec: Any, core_attention: type) -> Any:
+    """A copy of a layer/block/MTP spec whose self-attention uses ``core_attention``."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    def visit(node, in_attention=False):
+        if isinstance(node, ModuleSpec):
+            return dataclasses.replace(node, submodules=visit(node.submodules, in_attention))
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            changes = {}
+            for f in dataclasses.fields(node):
+                if not f.init:
+                    continue
+                if f.name == "core_attention" and in_attention:
+                    changes[f.name] = core_attention
+                else:
+                    changes[f.name] = visit(getattr(node, f.name), in_attention or f.name == "self_attention")
+            return dataclasses.replace(node, **changes)
+        if isinstance(node, (list, tuple)):
+            return type(node)(visit(v, in_attention) for v in node)
+        return node
+
+    return visit(spec)
+
+
+def gpt_model_specs(config, settings: Optional[FP8FlowSettings], use_transformer_engine: bool = False,
+                    sdpa: bool = True, vp_stage: Optional[int] = None):
+    """(decoder block spec, MTP block spec or None) for a GPTModel of ``config``, the way
+    Megatron-LM's ``pretrain_gpt`` builds them (dense and MoE layers by ``moe_layer_freq``, this
+    pipeline stage's layers), with the plugin's MoE layers when ``settings`` is given.
+
+    Without TransformerEngine the local layers' attention is :class:`.attention.SDPAttention`
+    when ``sdpa`` is set or the model uses MLA (Megatron's local attention cannot take MLA)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+
+    from .attention import SDPAttention
+
+    mla = bool(getattr(config, "multi_latent_attention", False))
+    if mla and not use_transformer_engine:
+        compat.allow_mla_without_te()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                       normalization=config.normalization, vp_stage=vp_stage)
+    if not use_transformer_engine and (sdpa or mla):
+        block = use_core_attention(block, SDPAttention)
+    mtp = None
+    if getattr(config, "mtp_num_layers", None):
+        mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage)
+    if settings is not None:
+        block, mtp = apply_fp8flow_to_spec(block, settings), apply_fp8flow_to_spec(mtp, settings)
+    return block, mtp

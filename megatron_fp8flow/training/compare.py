@@ -17,13 +17,25 @@ PRECISION_MODES = {"bf16": "bf16", "blockwise": "blockwise", "fp8flow": "flow", 
 
 
 def demo_recipe() -> str:
-    """The recipe that fits this machine. The DeepSeek-V3 proxies use MLA, which the compact loop's
-    local layers cannot build, so every machine runs the tiny proxy here for now."""
+    """The recipe that fits this machine: the one-H200 DeepSeek-V3 proxy on a GPU with FP8
+    tensor cores and 80 GB or more, the tiny proxy otherwise."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        if (props.major, props.minor) >= (8, 9) and props.total_memory >= 80e9:
+            return "proxies/deepseek_v3_proxy_1gpu"
     return "proxies/tiny_cpu"
+
+
+DEMO_GPU_STEPS = 200  # the demo's default length on a GPU (the recipe's 2000 are the convergence run)
 
 
 def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps: Optional[int] = None,
         overrides: Optional[dict] = None, out_dir: str = "fp8flow_results", echo=print) -> Dict[str, dict]:
+    """Train the recipe once per precision; under torchrun every rank trains and rank 0 reports
+    (returns the results on rank 0, None on the others)."""
+    lead = int(os.environ.get("RANK", 0)) == 0
+    if not lead:
+        echo = _silent
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for precision in precisions:
@@ -39,10 +51,73 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
 
         history = train(recipe, steps=steps, on_log=progress)
         results[precision] = {"recipe": recipe_name, "history": history, "summary": summarize(history)}
+    if not lead:
+        return None
     with open(os.path.join(out_dir, "compare.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     plot(results, os.path.join(out_dir, "loss_curves.png"), recipe_name)
     return results
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def merge(dirs: Sequence[str], out_dir: str) -> Dict[str, dict]:
+    """Results of runs made apart (e.g. one precision per GPU, side by side) as one comparison:
+    compare.json and loss_curves.png in ``out_dir``."""
+    results: Dict[str, dict] = {}
+    for d in dirs:
+        with open(os.path.join(d, "compare.json")) as fh:
+            for precision, r in json.load(fh).items():
+                if precision in results:
+                    raise ValueError(f"precision {precision!r} is in more than one of {list(dirs)}")
+                results[precision] = r
+    if not results:
+        raise ValueError(f"no results in {list(dirs)}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "compare.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    plot(results, os.path.join(out_dir, "loss_curves.png"), next(iter(results.values()))["recipe"])
+    return results
+
+
+def smoothed(losses: Sequence[float], window: int) -> List[float]:
+    """Trailing moving average (shorter at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(losses):
+        total += v
+        if i >= window:
+            total -= losses[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def convergence(results: Dict[str, dict], window: int = 20, limit: float = 0.0025) -> Dict[str, dict]:
+    """The paper's criterion, each precision against the first: the relative difference of the
+    smoothed loss (moving average over ``window`` logged points) over the last half of training;
+    passes when its largest value stays below ``limit`` (0.25%)."""
+    names = list(results)
+    base = [h["loss"] for h in results[names[0]]["history"]]
+    report = {}
+    for name in names[1:]:
+        other = [h["loss"] for h in results[name]["history"]]
+        n = min(len(base), len(other))
+        a, b = smoothed(base[:n], window), smoothed(other[:n], window)
+        rel = [(y - x) / x for x, y in zip(a[n // 2:], b[n // 2:])]
+        worst = max(rel, key=abs) if rel else 0.0
+        report[name] = {"max_abs_rel": abs(worst), "signed_at_max": worst, "mean_rel": sum(rel) / max(1, len(rel)),
+                        "points": len(rel), "window": window, "limit": limit, "passes": abs(worst) < limit}
+    return report
+
+
+def convergence_table(report: Dict[str, dict], base: str) -> str:
+    lines = [f"| precision | vs {base}: max abs rel. diff (last half, smoothed) | mean rel. diff | criterion < 0.25% |",
+             "| --- | --- | --- | --- |"]
+    for name, r in report.items():
+        lines.append(f"| {name} | {100 * r['signed_at_max']:+.3f}% | {100 * r['mean_rel']:+.3f}% | "
+                     f"{'met' if r['passes'] else 'MISSED'} |")
+    return "\n".join(lines)
 
 
 def summarize(history: List[dict]) -> dict:

@@ -1,21 +1,29 @@
-"""The compact training loop: one process, a recipe's model and schedule, byte-level real text.
+"""The compact training loop: a recipe's model and schedule on byte-level real text.
 
-Where Megatron-LM's ``pretrain()`` is installed, ``fp8flow train`` uses it; this loop is for
-megatron-core without ``megatron.training`` (the 0.16 wheel, CI, the CPU demo). It keeps what
-matters for comparing precisions: fp32 master weights with AdamW, gradient accumulation to the
-global batch, warm-up + cosine learning rate, gradient clipping, the router's expert-bias
-update once per step, and the MTP and auxiliary losses Megatron adds in the backward.
+Megatron-LM's ``pretrain()`` (:mod:`megatron_fp8flow.pretrain_gpt`) is the full launcher; this
+loop runs where ``megatron.training`` is missing (the 0.16 wheel, CI, the CPU demo) and is what
+the side-by-side precision comparisons use. It keeps what matters for comparing precisions:
+fp32 master weights with AdamW, gradient accumulation to the global batch, warm-up + cosine
+learning rate, gradient clipping, the router's expert-bias update once per step, and the MTP
+and auxiliary losses Megatron adds in the backward.
+
+Under ``torchrun`` with N processes it runs expert parallelism EP = N (no other model
+parallelism): every rank reads its own batches, the experts are split across ranks, and the
+non-expert gradients are summed over ranks (each rank's loss is scaled by 1/N, so every
+gradient is that of the mean loss over all ranks' tokens).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..megatron.settings import FP8FlowSettings
 from ..recipes import Recipe
@@ -56,24 +64,66 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def _check_layout(args) -> None:
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
-                "context_parallel_size"):
+def _check_layout(args, world: int) -> None:
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if args.get(key, 1) not in (1, None):
-            raise ValueError(f"the compact loop runs one process: {key} = {args[key]} needs Megatron-LM's pretrain "
-                             "(fp8flow train with megatron.training installed)")
+            raise ValueError(f"the compact loop runs expert parallelism only: {key} = {args[key]} needs Megatron-LM's "
+                             "pretrain (python -m megatron_fp8flow.pretrain_gpt)")
+    ep = args.get("expert_model_parallel_size", 1) or 1
+    if ep != world:
+        raise ValueError(f"the compact loop runs EP = number of processes: expert_model_parallel_size = {ep} with "
+                         f"{world} process(es); launch {ep} (fp8flow train --nproc {ep}) or set "
+                         f"expert_model_parallel_size={world}")
+
+
+def _rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _is_expert(param) -> bool:
+    return not getattr(param, "allreduce", True)  # Megatron marks expert-parallel parameters so
+
+
+def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
+    """Sum the non-expert gradients over ranks, then clip by the global norm (the replicated
+    parameters counted once, every rank's experts counted)."""
+    if world > 1:
+        shared = [m.grad for m, p in zip(master, params) if not _is_expert(p)]
+        flat = torch.cat([g.reshape(-1) for g in shared])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in shared:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    if not clip:
+        return
+    sq = {True: torch.zeros((), device=master[0].device), False: torch.zeros((), device=master[0].device)}
+    for m, p in zip(master, params):
+        sq[_is_expert(p)] += m.grad.float().pow(2).sum()
+    expert_sq = sq[True]
+    if world > 1:
+        dist.all_reduce(expert_sq)
+    norm = (sq[False] + expert_sq).sqrt()
+    scale = (clip / (norm + 1e-6)).clamp(max=1.0)
+    for m in master:
+        m.grad.mul_(scale)
 
 
 def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
-          on_log: Optional[Callable[[StepLog], None]] = None) -> List[dict]:
-    """Train the recipe's model; returns one record per logged step."""
+          on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None) -> List[dict]:
+    """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
+    receives the trained model under "model")."""
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
     from ..megatron import small_model
 
     args = recipe.args
-    _check_layout(args)
-    small_model.init_parallel(0, 1, 1)
+    rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    _check_layout(args, world)
+    small_model.init_parallel(rank, world, ep=world)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(seed)
     model = build_model(args, _settings(recipe))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -82,9 +132,12 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
                             args.get("adam_beta2", 0.95)), eps=args.get("adam_eps", 1e-8),
                             weight_decay=args.get("weight_decay", 0.0))
     micro, glob = args.get("micro_batch_size", 1), args.get("global_batch_size", args.get("micro_batch_size", 1))
-    accumulate = max(1, glob // micro)
+    if glob % (micro * world):
+        raise ValueError(f"global_batch_size {glob} must be a multiple of micro_batch_size x processes = "
+                         f"{micro} x {world}")
+    accumulate = glob // (micro * world)
     total = steps or args.get("train_iters", 100)
-    data = ByteBatches(args["seq_length"], micro, seed)
+    data = ByteBatches(args["seq_length"], micro, seed + 1000 * rank)
     seq = args["seq_length"]
     dev = next(model.parameters()).device
     pos = torch.arange(seq, device=dev).expand(micro, -1)
@@ -97,24 +150,25 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
             group["lr"] = lr
         for p in params:
             p.grad = None
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=dev)
         for _ in range(accumulate):
             ids, labels = (t.to(dev) for t in data.next())
-            loss = model(ids, pos, mask, labels=labels).float().mean() / accumulate
+            loss = model(ids, pos, mask, labels=labels).float().mean() / (accumulate * world)
             loss.backward()
-            step_loss += float(loss.detach())
-            tokens += ids.numel()
+            step_loss += loss.detach()
+            tokens += ids.numel() * world
         if model.config.moe_router_enable_expert_bias:
             _update_router_expert_bias([model], model.config)
         for m, p in zip(master, params):
             m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
-        if args.get("clip_grad"):
-            torch.nn.utils.clip_grad_norm_(master, args["clip_grad"])
+        _sync_and_clip(params, master, args.get("clip_grad"), world)
         opt.step()
         with torch.no_grad():
             for m, p in zip(master, params):
                 p.copy_(m)
-        window.append(step_loss)
+        if world > 1:
+            dist.all_reduce(step_loss)
+        window.append(float(step_loss))
         if (step + 1) % log_every == 0 or step + 1 == total:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -124,4 +178,6 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
             if on_log:
                 on_log(rec)
             window, t0, tokens = [], time.perf_counter(), 0
+    if keep_model is not None:
+        keep_model["model"] = model
     return history

@@ -35,11 +35,16 @@ def layer_freq(value):
     return ev(ast.parse(str(value), mode="eval").body)
 
 
-def config_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
-    """TransformerConfig keyword arguments from a recipe's Megatron arguments."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def config_class(args: Dict[str, Any]):
+    """MLATransformerConfig for recipes with multi-latent attention, else TransformerConfig."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    return MLATransformerConfig if args.get("multi_latent_attention") else TransformerConfig
+
+
+def config_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
+    """Config keyword arguments (see :func:`config_class`) from a recipe's Megatron arguments."""
+    fields = {f.name for f in dataclasses.fields(config_class(args))}
     kw: Dict[str, Any] = {}
     for key, value in args.items():
         key = _RENAMED.get(key, key)
@@ -62,16 +67,11 @@ def config_kwargs(args: Dict[str, Any]) -> Dict[str, Any]:
 def build_model(args: Dict[str, Any], fp8flow: Optional[Any] = None):
     """GPTModel from the recipe arguments; ``fp8flow`` (FP8FlowSettings) swaps in the plugin."""
     from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ..megatron.small_model import layer_specs
+    from ..megatron.spec import gpt_model_specs
 
-    if args.get("multi_latent_attention"):
-        raise ValueError("the compact loop builds Megatron's local (non-TE) layers, whose attention does not take "
-                         "MLA; run MLA recipes through Megatron-LM's pretrain (fp8flow train on a machine with "
-                         "megatron.training)")
-    cfg = TransformerConfig(**config_kwargs(args))
-    layer, mtp = layer_specs(cfg, fp8flow)
+    cfg = config_class(args)(**config_kwargs(args))
+    layer, mtp = gpt_model_specs(cfg, fp8flow)  # SDPA attention: flash kernels on the GPU, and MLA's head dims
     model = GPTModel(
         cfg, transformer_layer_spec=layer, vocab_size=args["vocab_size"],
         max_sequence_length=args.get("max_position_embeddings", args["seq_length"]),
