@@ -116,6 +116,27 @@ def _relaunch_with_torchrun(nproc: int, overrides: dict) -> int:
     return subprocess.call(cmd)
 
 
+def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, dry_run: bool) -> int:
+    """``fp8flow train --megatron``: Megatron's pretrain() through megatron_fp8flow.pretrain_gpt,
+    one launch per precision (fp8flow: the recipe's mode; bf16/blockwise: that plugin mode)."""
+    import subprocess
+
+    from .pretrain_gpt import launch_command
+    from .recipes import load_recipe
+    from .training.compare import PRECISION_MODES
+
+    for precision in precisions:
+        mode = {"fp8flow": {}}.get(precision, {"fp8flow.mode": PRECISION_MODES.get(precision, precision)})
+        recipe = load_recipe(recipe_name, {**overrides, "fp8flow.enabled": True, **mode})
+        cmd = launch_command(recipe, nproc)
+        print("+ " + " ".join(cmd), flush=True)
+        if not dry_run:
+            rc = subprocess.call(cmd)
+            if rc:
+                return rc
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .recipes.recipe import parse_override
     from .training import compare
@@ -128,6 +149,8 @@ def _cmd_train(args) -> int:
             args.steps = compare.DEMO_GPU_STEPS
     overrides = dict(parse_override(kv) for kv in getattr(args, "set", []) or [])
     nproc = getattr(args, "nproc", 1) or 1
+    if getattr(args, "megatron", False):
+        return _launch_megatron(recipe, precisions, overrides, nproc, args.dry_run)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(nproc, overrides)
     results = compare.run(recipe, precisions, steps=args.steps, overrides=overrides, out_dir=args.out)
@@ -207,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="fp8flow_results", help="directory for the figures and the loss plot")
     t.add_argument("--nproc", type=int, default=1,
                    help="processes (GPUs) under torchrun; the compact loop runs expert parallelism EP = N")
+    t.add_argument("--megatron", action="store_true",
+                   help="launch Megatron's pretrain() (python -m megatron_fp8flow.pretrain_gpt) instead of the "
+                        "compact loop: every parallel layout, needs megatron.training (megatron-core >= 0.19)")
+    t.add_argument("--dry-run", action="store_true", help="with --megatron: print the launch commands only")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("compare", help="merge runs made apart (fp8flow train --out DIR, one per precision) into "

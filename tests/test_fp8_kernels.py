@@ -182,10 +182,11 @@ def test_sat_property_random_groups(device, splits, k, seed):
         assert_fp8_equal(_cpu_ref(got), _cpu_ref(_sat_expected(q, splits, variant)), variant)
 
 
-@pytest.mark.parametrize("shape", [(128, 128), (300, 200), (256, 9216), (7, 5)])
+@pytest.mark.parametrize("shape", [(128, 128), (300, 200), (256, 9216), (7, 5), (512, 128)])
 @pytest.mark.parametrize("pow2", [True, False])
-def test_weight_quantize_and_transpose(device, cast_path, shape, pow2):
-    w = make_activations(*shape, kind="outlier", seed=shape[0], dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fp32: master-weight layers
+def test_weight_quantize_and_transpose(device, cast_path, shape, pow2, dtype):
+    w = make_activations(*shape, kind="outlier", seed=shape[0], dtype=dtype)
     got = fp8.quantize_weight(w.to(device), pow2_scales=pow2, backend="triton")
     exp = fp8.quantize_weight(w, pow2_scales=pow2, backend="reference")
     assert_fp8_equal(_cpu_ref(got), exp, "weight")

@@ -80,3 +80,20 @@ def test_recipe_command(capsys):
     assert main(["recipe", "argv", "proxies/tiny_cpu", "--set", "train_iters=3"]) == 0
     out = capsys.readouterr().out
     assert "--train-iters 3" in out and "--moe-fp8-flow-mode flow" in out
+
+
+def test_examples_name_existing_recipes_and_parse():
+    import pathlib
+    import re
+    import subprocess
+
+    from megatron_fp8flow.recipes import load_recipe
+
+    scripts = sorted((pathlib.Path(__file__).parent.parent / "examples").glob("*.sh"))
+    assert len(scripts) >= 4
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        names = re.findall(r"proxies/[a-z0-9_]+", script.read_text())
+        assert names, script
+        for name in names:
+            load_recipe(name)  # raises on a missing or invalid recipe

@@ -123,3 +123,34 @@ def allow_mla_without_te() -> None:
     logging.getLogger(__name__).info("megatron.core.transformer.multi_latent_attention.HAVE_TE set to False "
                                      "(TransformerEngine is not installed; megatron-core %s)",
                                      ".".join(map(str, megatron_version())))
+
+
+def accepted_kwargs(fn, kwargs: dict) -> dict:
+    """The keyword arguments ``fn`` takes in this version (all of them if it takes ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def run_pretrain(datasets_provider, model_provider, forward_step, extra_args_provider, check_args) -> None:
+    """Megatron's ``pretrain()`` in the form this version has: from 0.19 it takes a config
+    container built from the parsed arguments; before, it parses the arguments itself."""
+    import inspect
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+
+    if "cfg_container" in inspect.signature(pretrain).parameters:
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider=extra_args_provider)
+        check_args(args)
+        pretrain(pretrain_cfg_container_from_args(args), datasets_provider, ModelType.encoder_or_decoder,
+                 forward_step, model_provider=model_provider)
+    else:
+        pretrain(datasets_provider, model_provider, ModelType.encoder_or_decoder, forward_step,
+                 extra_args_provider=extra_args_provider)

@@ -1,0 +1,65 @@
+"""The Megatron pretrain() launcher: what can be checked without megatron.training and a GPU
+(the launch itself runs on GPU machines with megatron-core >= 0.19)."""
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from megatron_fp8flow import pretrain_gpt  # noqa: E402
+from megatron_fp8flow.megatron import compat  # noqa: E402
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.training") is not None,
+                    reason="megatron.training is installed here")
+def test_missing_megatron_training_is_named():
+    with pytest.raises(ImportError, match=r"needs megatron.training.*megatron-core>=0.19.*fp8flow patch"):
+        pretrain_gpt.main([])
+
+
+def test_layouts_outside_the_scope_are_named():
+    ok = SimpleNamespace(tensor_model_parallel_size=1, context_parallel_size=1, sft=False, fim_data=False)
+    pretrain_gpt.check_layout(ok)
+    for change, message in ((dict(tensor_model_parallel_size=2), "tensor_model_parallel_size=2"),
+                            (dict(context_parallel_size=2), "context_parallel_size=2"),
+                            (dict(sft=True), "SFT")):
+        with pytest.raises(ValueError, match=message):
+            pretrain_gpt.check_layout(SimpleNamespace(**{**vars(ok), **change}))
+
+
+def test_keyword_arguments_follow_the_signature():
+    def takes(a, b=1):
+        return a, b
+
+    def takes_all(a, **kw):
+        return a, kw
+
+    assert compat.accepted_kwargs(takes, {"a": 1, "b": 2, "vp_stage": 0}) == {"a": 1, "b": 2}
+    assert compat.accepted_kwargs(takes_all, {"a": 1, "vp_stage": 0}) == {"a": 1, "vp_stage": 0}
+
+
+def test_loss_is_the_masked_sum_with_its_token_count():
+    import torch
+
+    losses = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    mask = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    loss, tokens, report = pretrain_gpt._loss(mask, losses)
+    assert float(loss) == 1 + 4 + 16 + 32 and int(tokens) == 4
+    assert report["lm loss"].tolist() == [53.0, 4.0]
+
+
+def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
+    from megatron_fp8flow.cli import main
+
+    assert main(["train", "proxies/deepseek_v3_proxy_2gpu", "--megatron", "--nproc", "2", "--compare",
+                 "bf16,fp8flow", "--set", "train_iters=5", "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("+ ")]
+    assert len(lines) == 2
+    for line, mode in zip(lines, ("bf16", "flow")):
+        argv = line.split()
+        assert "--nproc_per_node=2" in argv and "megatron_fp8flow.pretrain_gpt" in argv
+        assert argv[argv.index("--moe-fp8-flow-mode") + 1] == mode and argv.count("--moe-fp8-flow") == 1
+        assert argv[argv.index("--train-iters") + 1] == "5" and argv[argv.index("--expert-model-parallel-size") + 1] == "2"
+        assert "--mock-data" in argv and argv[argv.index("--tokenizer-type") + 1] == "NullTokenizer"
