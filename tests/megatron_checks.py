@@ -140,8 +140,8 @@ def compact_loop_smoke(rank, world, port, queue):
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
     recipe = load_recipe("proxies/tiny_cpu", {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2,
-                                              "global_batch_size": 4, "log_interval": 1,
-                                              "expert_model_parallel_size": world})
+                                              "global_batch_size": 4, "log_interval": 1, "eval_interval": 2,
+                                              "eval_iters": 1, "expert_model_parallel_size": world})
     kept = {}
     history = loop.train(recipe, steps=2, keep_model=kept)
     model = kept["model"]

@@ -64,8 +64,9 @@ def test_compact_loop_trains_two_steps(world):
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and 3.0 < h["loss"] < 8.0 for h in history)  # ~ln(256) = 5.5 at the start
     assert all(h["tokens_per_s"] > 0 for h in history)
-    losses = [[h["loss"] for h in r["history"]] for r in ranks]
-    assert all(lo == losses[0] for lo in losses)  # the logged loss is the mean over all ranks
+    losses = [[(h["loss"], h["val_loss"]) for h in r["history"]] for r in ranks]
+    assert all(lo == losses[0] for lo in losses)  # the logged losses are means over all ranks
+    assert history[0]["val_loss"] is None and 3.0 < history[1]["val_loss"] < 8.0  # eval_interval 2
     if world == 2:
         # Replicated parameters got the same summed gradients and updates on both ranks; each
         # rank holds half of the experts (its own, different parameters).
@@ -114,6 +115,14 @@ def test_convergence_criterion_and_merge(tmp_path):
     report = compare.convergence({"bf16": run(base), "close": run(close), "drift": run(late_drift)})
     assert report["close"]["passes"] and abs(report["close"]["max_abs_rel"] - 0.001) < 1e-9
     assert not report["drift"]["passes"] and report["drift"]["max_abs_rel"] > 0.0025
+    assert report["close"]["loss"] == "loss"
+    # With validation losses in every run, those are compared (here: equal, while training drifts).
+    with_val = {name: run(losses) for name, losses in (("bf16", base), ("drift", late_drift))}
+    for r in with_val.values():
+        for i, h in enumerate(r["history"]):
+            h["val_loss"] = 2.0 + 1.0 / (1 + i) if i % 10 == 9 else None
+    report = compare.convergence(with_val, window=3)
+    assert report["drift"]["loss"] == "val_loss" and report["drift"]["passes"] and report["drift"]["points"] == 10
     for name, losses in (("bf16", base), ("fp8flow", close)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "compare.json").write_text(json.dumps({name: run(losses)}))

@@ -46,7 +46,8 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
         total = steps or recipe.args.get("train_iters", 100)
 
         def progress(rec: StepLog, p=precision, total=total):
-            echo(f"[{p}] step {rec.step}/{total}  loss {rec.loss:.4f}  lr {rec.lr:.2e}  "
+            val = f"  val {rec.val_loss:.4f}" if rec.val_loss is not None else ""
+            echo(f"[{p}] step {rec.step}/{total}  loss {rec.loss:.4f}{val}  lr {rec.lr:.2e}  "
                  f"{rec.tokens_per_s:,.0f} tokens/s  peak {rec.peak_mem_gb:.2f} GB")
 
         history = train(recipe, steps=steps, on_log=progress)
@@ -93,29 +94,38 @@ def smoothed(losses: Sequence[float], window: int) -> List[float]:
     return out
 
 
+def _series(history: List[dict], key: str) -> List[float]:
+    return [h[key] for h in history if h.get(key) is not None]
+
+
 def convergence(results: Dict[str, dict], window: int = 20, limit: float = 0.0025) -> Dict[str, dict]:
     """The paper's criterion, each precision against the first: the relative difference of the
-    smoothed loss (moving average over ``window`` logged points) over the last half of training;
-    passes when its largest value stays below ``limit`` (0.25%)."""
+    smoothed loss (moving average over ``window`` points) over the last half of training;
+    passes when its largest value stays below ``limit`` (0.25%). Uses the held-out validation
+    loss when every run logged it (the same text at every evaluation, so far less noisy than
+    the training loss of single small batches), else the training loss."""
     names = list(results)
-    base = [h["loss"] for h in results[names[0]]["history"]]
+    key = "val_loss" if all(_series(r["history"], "val_loss") for r in results.values()) else "loss"
+    base = _series(results[names[0]]["history"], key)
     report = {}
     for name in names[1:]:
-        other = [h["loss"] for h in results[name]["history"]]
+        other = _series(results[name]["history"], key)
         n = min(len(base), len(other))
         a, b = smoothed(base[:n], window), smoothed(other[:n], window)
         rel = [(y - x) / x for x, y in zip(a[n // 2:], b[n // 2:])]
         worst = max(rel, key=abs) if rel else 0.0
         report[name] = {"max_abs_rel": abs(worst), "signed_at_max": worst, "mean_rel": sum(rel) / max(1, len(rel)),
-                        "points": len(rel), "window": window, "limit": limit, "passes": abs(worst) < limit}
+                        "points": len(rel), "window": window, "limit": limit, "passes": abs(worst) < limit,
+                        "loss": key}
     return report
 
 
 def convergence_table(report: Dict[str, dict], base: str) -> str:
-    lines = [f"| precision | vs {base}: max abs rel. diff (last half, smoothed) | mean rel. diff | criterion < 0.25% |",
-             "| --- | --- | --- | --- |"]
+    lines = [f"| precision | loss compared | vs {base}: largest rel. diff (last half, smoothed) | mean rel. diff | "
+             "criterion < 0.25% |", "| --- | --- | --- | --- | --- |"]
     for name, r in report.items():
-        lines.append(f"| {name} | {100 * r['signed_at_max']:+.3f}% | {100 * r['mean_rel']:+.3f}% | "
+        what = "validation" if r["loss"] == "val_loss" else "training"
+        lines.append(f"| {name} | {what} | {100 * r['signed_at_max']:+.3f}% | {100 * r['mean_rel']:+.3f}% | "
                      f"{'met' if r['passes'] else 'MISSED'} |")
     return "\n".join(lines)
 
@@ -150,9 +160,14 @@ def plot(results: Dict[str, dict], path: str, title: str) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for precision, r in results.items():
-        ax.plot([h["step"] for h in r["history"]], [h["loss"] for h in r["history"]], label=precision)
+        hist = r["history"]
+        val = [(h["step"], h["val_loss"]) for h in hist if h.get("val_loss") is not None]
+        line, = ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=f"{precision} (training)",
+                        alpha=0.45 if val else 1.0, linewidth=0.8 if val else 1.5)
+        if val:
+            ax.plot(*zip(*val), marker="o", markersize=3, color=line.get_color(), label=f"{precision} (validation)")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (bytes)")
+    ax.set_ylabel("loss per byte")
     ax.set_title(f"{title}: loss by precision")
     ax.legend()
     ax.grid(alpha=0.3)

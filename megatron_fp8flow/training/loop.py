@@ -38,6 +38,7 @@ class StepLog:
     lr: float
     tokens_per_s: float
     peak_mem_gb: float
+    val_loss: Optional[float] = None  # mean LM loss on fixed held-out text (every eval_interval steps)
 
 
 def _settings(recipe: Recipe) -> Optional[FP8FlowSettings]:
@@ -109,6 +110,23 @@ def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
         m.grad.mul_(scale)
 
 
+def _validation_loss(model, data: ByteBatches, iters: int, pos, mask, rank: int, world: int) -> float:
+    """Mean LM loss over ``iters`` fixed held-out batches (the same ones at every evaluation,
+    different ones per rank), without gradients: no auxiliary losses, no expert-bias counts."""
+    dev = pos.device
+    total = torch.zeros((), device=dev)
+    model.eval()
+    with torch.no_grad():
+        for i in range(iters):
+            ids, labels = (t.to(dev) for t in data.validation(seed=1_000_003 * (rank + 1) + i))
+            total += model(ids, pos, mask, labels=labels).float().mean()
+    model.train()
+    total /= iters * world
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total)
+
+
 def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
           on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
@@ -144,6 +162,7 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=dev), 1)[None, None]
     history, window, t0, tokens = [], [], time.perf_counter(), 0
     log_every = args.get("log_interval", 10)
+    eval_every, eval_iters = args.get("eval_interval"), args.get("eval_iters", 4)
     for step in range(total):
         lr = _lr(args, step, total)
         for group in opt.param_groups:
@@ -174,6 +193,8 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             rec = StepLog(step + 1, sum(window) / len(window), lr, tokens / elapsed, _peak_memory_gb())
+            if eval_every and ((step + 1) % eval_every == 0 or step + 1 == total):
+                rec.val_loss = _validation_loss(model, data, eval_iters, pos, mask, rank, world)
             history.append(asdict(rec))
             if on_log:
                 on_log(rec)
