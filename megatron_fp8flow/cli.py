@@ -101,13 +101,13 @@ def _cmd_patch(args) -> int:
     return 0
 
 
-def _relaunch_with_torchrun(nproc: int, overrides: dict) -> int:
+def _relaunch_with_torchrun(argv: list, nproc: int, overrides: dict) -> int:
     """``fp8flow train --nproc N``: the same command under torchrun, one process per GPU, with
     expert parallelism N unless the recipe or --set says otherwise (the loop then names the
     mismatch)."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(argv)
     if "expert_model_parallel_size" not in overrides:
         argv += ["--set", f"expert_model_parallel_size={nproc}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -152,7 +152,7 @@ def _cmd_train(args) -> int:
     if getattr(args, "megatron", False):
         return _launch_megatron(recipe, precisions, overrides, nproc, args.dry_run)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(nproc, overrides)
+        return _relaunch_with_torchrun(args.argv, nproc, overrides)
     results = compare.run(recipe, precisions, steps=args.steps, overrides=overrides, out_dir=args.out)
     if results is None:  # not rank 0
         return 0
@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes (GPUs) under torchrun; the compact loop runs expert parallelism EP = N")
     t.add_argument("--megatron", action="store_true",
                    help="launch Megatron's pretrain() (python -m megatron_fp8flow.pretrain_gpt) instead of the "
-                        "compact loop: every parallel layout, needs megatron.training (megatron-core >= 0.19)")
+                        "compact loop: pipeline, expert and data parallelism, Megatron's datasets; needs "
+                        "megatron.training (megatron-core >= 0.19)")
     t.add_argument("--dry-run", action="store_true", help="with --megatron: print the launch commands only")
     t.set_defaults(func=_cmd_train)
 
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "one table, loss plot and convergence check")
     c.add_argument("dirs", nargs="+", help="output directories of fp8flow train")
     c.add_argument("--out", default="fp8flow_results", help="directory for the merged figures and plot")
-    c.add_argument("--window", type=int, default=20, help="moving-average window (logged points) for the check")
+    c.add_argument("--window", type=int, help="moving-average window (points) for the check (default: 3 "
+                                              "validation points, or 20 logged training points)")
     c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="the main job: the proxy that fits this machine, bf16 and fp8flow "
@@ -252,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a relaunch under torchrun repeats
     return args.func(args)
 
 

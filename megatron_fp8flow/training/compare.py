@@ -98,14 +98,16 @@ def _series(history: List[dict], key: str) -> List[float]:
     return [h[key] for h in history if h.get(key) is not None]
 
 
-def convergence(results: Dict[str, dict], window: int = 20, limit: float = 0.0025) -> Dict[str, dict]:
+def convergence(results: Dict[str, dict], window: Optional[int] = None, limit: float = 0.0025) -> Dict[str, dict]:
     """The paper's criterion, each precision against the first: the relative difference of the
     smoothed loss (moving average over ``window`` points) over the last half of training;
     passes when its largest value stays below ``limit`` (0.25%). Uses the held-out validation
     loss when every run logged it (the same text at every evaluation, so far less noisy than
-    the training loss of single small batches), else the training loss."""
+    the training loss of single small batches), else the training loss. ``window`` defaults to
+    3 validation points or 20 logged training points."""
     names = list(results)
     key = "val_loss" if all(_series(r["history"], "val_loss") for r in results.values()) else "loss"
+    window = window or (3 if key == "val_loss" else 20)
     base = _series(results[names[0]]["history"], key)
     report = {}
     for name in names[1:]:

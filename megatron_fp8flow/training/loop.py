@@ -77,12 +77,8 @@ def _check_layout(args, world: int) -> None:
                          f"expert_model_parallel_size={world}")
 
 
-def _rank_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _is_expert(param) -> bool:
-    return not getattr(param, "allreduce", True)  # Megatron marks expert-parallel parameters so
+    return not getattr(param, "allreduce", True)  # Megatron sets allreduce=False on expert-parallel ones
 
 
 def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
