@@ -147,8 +147,10 @@ def launch_command(recipe, nproc: int = 1) -> list:
     """The torchrun command that pretrains ``recipe`` (a loaded Recipe) with this launcher.
 
     Defaults a recipe may leave out: mock data when it names no data, the null tokenizer (byte
-    or synthetic ids need no vocabulary files) when it names no tokenizer, Megatron's local
-    layers when TransformerEngine is not installed."""
+    or synthetic ids need no vocabulary files) when it names no tokenizer; without
+    TransformerEngine, Megatron's local layers and no RoPE fusion (TE's kernel); without apex's
+    fused weight-gradient kernel, no gradient-accumulation fusion (Megatron's linear layers
+    refuse to start otherwise)."""
     from .recipes.recipe import to_argv
 
     args = recipe.args
@@ -157,10 +159,22 @@ def launch_command(recipe, nproc: int = 1) -> list:
         argv.append("--mock-data")
     if not args.get("tokenizer_type"):
         argv += ["--tokenizer-type", "NullTokenizer"]
-    if not args.get("transformer_impl") and not compat.have_transformer_engine():
-        argv += ["--transformer-impl", "local"]
+    if not compat.have_transformer_engine():
+        if not args.get("transformer_impl"):
+            argv += ["--transformer-impl", "local"]
+        if not args.get("apply_rope_fusion"):
+            argv.append("--no-rope-fusion")
+    fuse = args.get("gradient_accumulation_fusion")
+    if fuse is False or (fuse is None and not _have_fused_wgrad()):  # Megatron's flag is the negation
+        argv.append("--no-gradient-accumulation-fusion")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "megatron_fp8flow.pretrain_gpt", *argv]
+
+
+def _have_fused_wgrad() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None or compat.have_transformer_engine()
 
 
 def main(argv=None) -> None:

@@ -63,3 +63,6 @@ def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
         assert argv[argv.index("--moe-fp8-flow-mode") + 1] == mode and argv.count("--moe-fp8-flow") == 1
         assert argv[argv.index("--train-iters") + 1] == "5" and argv[argv.index("--expert-model-parallel-size") + 1] == "2"
         assert "--mock-data" in argv and argv[argv.index("--tokenizer-type") + 1] == "NullTokenizer"
+        if not compat.have_transformer_engine():  # this machine: Megatron's local layers, no TE fusions
+            assert argv[argv.index("--transformer-impl") + 1] == "local" and "--no-rope-fusion" in argv
+            assert "--no-gradient-accumulation-fusion" in argv
