@@ -31,11 +31,13 @@ def _quantize_weight_kernel(
     finite = is_finite(w)
     amax = tl.max(tl.max(tl.where(finite, tl.abs(w), 0.0), axis=1), axis=0)
     s = scale_inv_from_amax(amax, POW2)
-    q = encode_e4m3(tl.where(finite, divide_by_scale(w, s, POW2), float("nan")), EMULATE)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], q, mask=mask)
+    v = tl.where(finite, divide_by_scale(w, s, POW2), float("nan"))
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
     tl.store(s_ptr + pid_n * num_kb + pid_k, s)
     if WRITE_T:
-        tl.store(qt_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :], tl.trans(q),
+        # Transpose the fp32 values, then encode (the cast is elementwise, so the codes are the
+        # same): tl.trans of an 8-bit tile can corrupt it on Hopper (Triton 3.x).
+        tl.store(qt_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :], encode_e4m3(tl.trans(v), EMULATE),
                  mask=col_ok[:, None] & row_ok[None, :])
         tl.store(st_ptr + pid_k * num_nb + pid_n, s)
 

@@ -203,7 +203,8 @@ def _sat_bytes_kernel(
     q = tl.load(q_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
     # One row scale per row: BLOCK_K never straddles a 128-column scale block.
     s = tl.load(s_ptr + rows64 * num_kb + (pid_k * BLOCK_K) // 128, mask=row_ok, other=0.0)
-    codes, scale = _sat_plane(decode_e4m3(tl.trans(q), EMULATE), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
+    # Decode, then transpose the fp32 values: tl.trans of an 8-bit tile can corrupt it on Hopper.
+    codes, scale = _sat_plane(tl.trans(decode_e4m3(q, EMULATE)), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
     tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], codes, mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=col_ok & (nrows > 0))
 
