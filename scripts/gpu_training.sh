@@ -4,42 +4,32 @@
 # megatron-core is installed from wheels in .whl/ when it is not importable.
 # Usage: scripts/gpu_training.sh OUTPUT_DIR [STEP ...]
 #   STEP: proxy1 | proxy2 | converge   (default: proxy1 proxy2)
-set -uo pipefail
-out=${1:-gpu_results}
-shift || true
-steps=${*:-proxy1 proxy2}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-if ! python3 -c "import megatron.core" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-quiet() { grep -v -i "warn\|Unknown MLP\|DEPRECATED\|^\s*$"; }
+source "$(dirname "$0")/gpu_common.sh"
 cli="python3 -m megatron_fp8flow.cli"
 # Proxy tables: short runs (tokens/s from the logged intervals after the first; peak memory).
 short="--steps 12 --set log_interval=3 --set global_batch_size=4"
-rc=0
-for step in $steps; do
-  case $step in
-    proxy1)
-      timeout 200 $cli train proxies/deepseek_v3_proxy_1gpu --compare fp8flow $short --set fp8flow.recompute_experts=true \
-        --out "$out/proxy1_recompute" 2>&1 | quiet | tee "$out/proxy1_recompute.log" | grep -v "step " | tail -5
-      timeout 420 $cli train proxies/deepseek_v3_proxy_1gpu --compare bf16,blockwise,fp8flow $short --out "$out/proxy1" \
-        2>&1 | quiet | tee "$out/proxy1.log" | grep -v "step " | tail -12 ;;
-    proxy2)
-      timeout 420 $cli train proxies/deepseek_v3_proxy_2gpu --nproc 2 --compare bf16,blockwise,fp8flow $short \
-        --out "$out/proxy2" 2>&1 | quiet | tee "$out/proxy2.log" | grep -v "step " | tail -12 ;;
-    converge)
-      rec=proxies/deepseek_v3_proxy_1gpu_convergence
-      CUDA_VISIBLE_DEVICES=0 timeout 560 python3 -m megatron_fp8flow.cli train $rec --compare bf16 --out "$out/conv_bf16" > "$out/conv_bf16.log" 2>&1 &
-      CUDA_VISIBLE_DEVICES=1 timeout 560 python3 -m megatron_fp8flow.cli train $rec --compare fp8flow --out "$out/conv_fp8flow" > "$out/conv_fp8flow.log" 2>&1 &
-      wait
-      grep "step .*/2000" "$out/conv_fp8flow.log" | tail -2
-      $cli compare "$out/conv_bf16" "$out/conv_fp8flow" --out "$out/convergence" 2>&1 | quiet | tee "$out/convergence.log" ;;
-    *) echo "unknown step $step" >&2; rc=2; continue ;;
-  esac
-  step_rc=${PIPESTATUS[0]}
-  echo "step $step rc=$step_rc"
-  rc=$(( rc || step_rc ))
-done
-exit $rc
+
+setup() { need_megatron; }
+step_proxy1() {
+  timeout 200 $cli train proxies/deepseek_v3_proxy_1gpu --compare fp8flow $short --set fp8flow.recompute_experts=true \
+    --out "$out/proxy1_recompute" 2>&1 | quiet | tee "$out/proxy1_recompute.log" | grep -v "step " | tail -5
+  timeout 420 $cli train proxies/deepseek_v3_proxy_1gpu --compare bf16,blockwise,fp8flow $short --out "$out/proxy1" \
+    2>&1 | quiet | tee "$out/proxy1.log" | grep -v "step " | tail -12
+  return "${PIPESTATUS[0]}"
+}
+step_proxy2() {
+  timeout 420 $cli train proxies/deepseek_v3_proxy_2gpu --nproc 2 --compare bf16,blockwise,fp8flow $short \
+    --out "$out/proxy2" 2>&1 | quiet | tee "$out/proxy2.log" | grep -v "step " | tail -12
+  return "${PIPESTATUS[0]}"
+}
+step_converge() {
+  local rec=proxies/deepseek_v3_proxy_1gpu_convergence
+  CUDA_VISIBLE_DEVICES=0 timeout 560 $cli train $rec --compare bf16 --out "$out/conv_bf16" > "$out/conv_bf16.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 560 $cli train $rec --compare fp8flow --out "$out/conv_fp8flow" > "$out/conv_fp8flow.log" 2>&1 &
+  wait
+  grep "step .*/2000" "$out/conv_fp8flow.log" | tail -2
+  $cli compare "$out/conv_bf16" "$out/conv_fp8flow" --out "$out/convergence" 2>&1 | quiet | tee "$out/convergence.log"
+  return "${PIPESTATUS[0]}"
+}
+
+gpu_main "proxy1 proxy2" "$@"

@@ -1,0 +1,41 @@
+# Shared by the scripts/gpu_*.sh runners (source it): arguments, environment and the step loop.
+# A runner defines one function per step, step_<name> (dashes become underscores), returning its
+# main command's status; optionally a function `setup`; then calls: gpu_main "DEFAULT STEPS" "$@"
+set -uo pipefail
+
+# Drop library warnings and blank lines from a log stream.
+quiet() { grep -v -i "warn\|Unknown MLP\|DEPRECATED\|^\s*$" || true; }
+
+# megatron-core from the wheels in .whl/ when it is not importable (GPU machines without it).
+need_megatron() {
+  if ! python3 -c "import megatron.core" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+}
+
+# gpu_main "DEFAULT STEPS" OUTPUT_DIR [STEP ...]: runs each step, prints its status, and returns
+# non-zero when any step failed. Sets $out for the steps.
+gpu_main() {
+  local defaults=$1
+  shift
+  out=${1:-gpu_results}
+  shift || true
+  local steps=${*:-$defaults} rc=0 step fn step_rc
+  mkdir -p "$out"
+  export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+  if [ "$(type -t setup)" = function ]; then setup || return $?; fi
+  for step in $steps; do
+    fn="step_${step//-/_}"
+    if [ "$(type -t "$fn")" = function ]; then
+      "$fn"
+      step_rc=$?
+    else
+      echo "unknown step $step" >&2
+      step_rc=2
+    fi
+    echo "step $step rc=$step_rc"
+    rc=$(( rc || step_rc ))
+  done
+  return $rc
+}
