@@ -130,3 +130,20 @@ def test_convergence_criterion_and_merge(tmp_path):
     assert list(merged) == ["bf16", "fp8flow"] and (tmp_path / "both" / "loss_curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="more than one"):
         compare.merge([str(tmp_path / "bf16"), str(tmp_path / "both")], str(tmp_path / "again"))
+
+
+def test_clipping_uses_the_global_norm():
+    import torch
+
+    from megatron_fp8flow.training.loop import _sync_and_clip
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params[1].allreduce = False  # an expert parameter: counted in the norm like the others at EP = 1
+    master = [p.detach().clone() for p in params]
+    master[0].grad, master[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)  # norm 13
+    _sync_and_clip(params, master, clip=1.3, world=1)
+    assert torch.allclose(master[0].grad, torch.tensor([0.3, 0.0, 0.4]), atol=1e-6)
+    assert torch.allclose(master[1].grad, torch.full((2, 2), 0.6), atol=1e-6)
+    before = [m.grad.clone() for m in master]
+    _sync_and_clip(params, master, clip=100.0, world=1)  # below the limit: unchanged
+    assert all(torch.equal(a, m.grad) for a, m in zip(before, master))

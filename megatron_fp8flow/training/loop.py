@@ -94,16 +94,15 @@ def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
             offset += g.numel()
     if not clip:
         return
-    sq = {True: torch.zeros((), device=master[0].device), False: torch.zeros((), device=master[0].device)}
-    for m, p in zip(master, params):
-        sq[_is_expert(p)] += m.grad.float().pow(2).sum()
-    expert_sq = sq[True]
+    def sum_sq(grads):  # one norm kernel per tensor, no full-size temporaries
+        return torch.stack([g.norm() for g in grads]).square().sum() if grads else torch.zeros((), device=dev)
+
+    dev = master[0].device
+    expert_sq = sum_sq([m.grad for m, p in zip(master, params) if _is_expert(p)])
     if world > 1:
         dist.all_reduce(expert_sq)
-    norm = (sq[False] + expert_sq).sqrt()
-    scale = (clip / (norm + 1e-6)).clamp(max=1.0)
-    for m in master:
-        m.grad.mul_(scale)
+    norm = (sum_sq([m.grad for m, p in zip(master, params) if not _is_expert(p)]) + expert_sq).sqrt()
+    torch._foreach_mul_([m.grad for m in master], (clip / (norm + 1e-6)).clamp(max=1.0))
 
 
 def _validation_loss(model, data: ByteBatches, iters: int, pos, mask, rank: int, world: int) -> float:
