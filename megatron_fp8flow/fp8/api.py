@@ -159,14 +159,7 @@ def quantize_weight(
         raise ValueError(f"quantize_weight expects a 2-D [N, K] tensor, got {getattr(w, 'shape', w)!r}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"quantize_weight expects bf16, fp16 or fp32 input, got {w.dtype}")
-    if out is not None:
-        n, k = w.shape
-        want = ((n, k), FP8_DTYPE), ((cdiv(n, BLOCK), cdiv(k, BLOCK)), torch.float32)
-        if any(t.shape != shape or t.dtype != dt or not t.is_contiguous() for t, (shape, dt) in zip(out, want)):
-            raise ValueError(
-                f"out must be contiguous (e4m3 {list(want[0][0])}, float32 {list(want[1][0])}), got "
-                f"{[(t.dtype, tuple(t.shape)) for t in out]}"
-            )
+    _check_weight_out(out, w.shape, "out")
     if _use_triton(w.device, backend):
         from ..kernels.quantize_weight import quantize_weight as kernel
 
@@ -179,19 +172,41 @@ def quantize_weight(
 
 
 @counted("weight_quantize")
-def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"):
-    """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w``."""
+def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto",
+                                   out=None, out_t=None):
+    """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w`` (the transposed
+    codes are the same bytes: a 128x128 block keeps its scale under transposition).
+    ``out``/``out_t``: buffers for the two results, as in :func:`quantize_weight`."""
+    n, k = w.shape
+    _check_weight_out(out, (n, k), "out")
+    _check_weight_out(out_t, (k, n), "out_t")
     if _use_triton(w.device, backend):
         from ..kernels.quantize_weight import quantize_weight as kernel
 
-        data, scale, data_t, scale_t = kernel(w, pow2_scales, with_transpose=True)
-        n, k = w.shape
+        data, scale, data_t, scale_t = kernel(w, pow2_scales, with_transpose=True, out=out, out_t=out_t)
         return (
             BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, (n, k), pow2_scales),
             BlockwiseFP8Tensor(data_t, scale_t, Layout.WEIGHT, (k, n), pow2_scales),
         )
-    q = quantize_weight(w, pow2_scales, backend)
-    return q, q.t()
+    q = quantize_weight(w, pow2_scales, backend, out=out)
+    qt = q.t()
+    if out_t is not None:
+        qt = BlockwiseFP8Tensor(out_t[0].copy_(qt.data), out_t[1].copy_(qt.scale_inv), Layout.WEIGHT, (k, n),
+                                pow2_scales)
+    return q, qt
+
+
+def _check_weight_out(out, shape, name: str) -> None:
+    """``out`` buffers of a 128x128 weight quantization: contiguous e4m3 data and fp32 scales."""
+    if out is None:
+        return
+    n, k = shape
+    want = ((n, k), FP8_DTYPE), ((cdiv(n, BLOCK), cdiv(k, BLOCK)), torch.float32)
+    if any(t.shape != s or t.dtype != dt or not t.is_contiguous() for t, (s, dt) in zip(out, want)):
+        raise ValueError(
+            f"{name} must be contiguous (e4m3 {list(want[0][0])}, float32 {list(want[1][0])}), got "
+            f"{[(t.dtype, tuple(t.shape)) for t in out]}"
+        )
 
 
 @counted("transpose")

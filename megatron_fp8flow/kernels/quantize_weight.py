@@ -42,11 +42,12 @@ def _quantize_weight_kernel(
         tl.store(st_ptr + pid_k * num_nb + pid_n, s)
 
 
-def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None):
+def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None,
+                    out_t=None):
     """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None).
 
-    ``out=(data, scale_inv)``: contiguous buffers to write into (e.g. one expert's slice of a
-    stacked weight buffer) instead of fresh ones.
+    ``out=(data, scale_inv)`` and ``out_t=(data_t, scale_inv_t)``: contiguous buffers to write
+    into (e.g. one expert's slice of a stacked weight buffer) instead of fresh ones.
     """
     if w.dim() != 2:
         raise ValueError(f"weight quantization expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
@@ -63,7 +64,9 @@ def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: b
     else:
         data, scale = out  # checked by fp8.quantize_weight
     data_t = scale_t = None
-    if with_transpose:
+    if with_transpose and out_t is not None:
+        data_t, scale_t = out_t  # checked by fp8.quantize_weight_with_transpose
+    elif with_transpose:
         data_t = torch.empty(k, n, dtype=FP8_DTYPE, device=dev)
         scale_t = torch.empty(num_kb, num_nb, dtype=torch.float32, device=dev)
     if n and k:
