@@ -116,7 +116,8 @@ def _relaunch_with_torchrun(argv: list, nproc: int, overrides: dict) -> int:
     return subprocess.call(cmd)
 
 
-def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, dry_run: bool) -> int:
+def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, dry_run: bool,
+                     steps=None) -> int:
     """``fp8flow train --megatron``: Megatron's pretrain() through megatron_fp8flow.pretrain_gpt,
     one launch per precision (fp8flow: the recipe's mode; bf16/blockwise: that plugin mode)."""
     import subprocess
@@ -125,6 +126,8 @@ def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, 
     from .recipes import load_recipe
     from .training.compare import PRECISION_MODES
 
+    if steps is not None:
+        overrides = {**overrides, "train_iters": steps}
     for precision in precisions:
         mode = {"fp8flow": {}}.get(precision, {"fp8flow.mode": PRECISION_MODES.get(precision, precision)})
         recipe = load_recipe(recipe_name, {**overrides, "fp8flow.enabled": True, **mode})
@@ -150,7 +153,7 @@ def _cmd_train(args) -> int:
     overrides = dict(parse_override(kv) for kv in getattr(args, "set", []) or [])
     nproc = getattr(args, "nproc", 1) or 1
     if getattr(args, "megatron", False):
-        return _launch_megatron(recipe, precisions, overrides, nproc, args.dry_run)
+        return _launch_megatron(recipe, precisions, overrides, nproc, args.dry_run, args.steps)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(args.argv, nproc, overrides)
     results = compare.run(recipe, precisions, steps=args.steps, overrides=overrides, out_dir=args.out)

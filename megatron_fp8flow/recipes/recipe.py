@@ -132,12 +132,19 @@ def parse_override(text: str) -> tuple:
     return key.strip(), yaml.safe_load(raw)
 
 
+# Megatron parses these from one Python list literal ("[0,1,1]"), not from several values.
+LIST_LITERAL_ARGS = {"moe_layer_freq"}
+
+
 def to_argv(recipe: Recipe) -> List[str]:
     """Megatron command-line arguments: ``--kebab-case value``; True gives the bare flag, False and
-    None are left out, lists give several values; the fp8flow section gives ``--moe-fp8-flow*``."""
+    None are left out, lists give several values (one list literal for ``LIST_LITERAL_ARGS``); the
+    fp8flow section gives ``--moe-fp8-flow*``."""
     argv: List[str] = []
     for key, value in recipe.args.items():
         flag = "--" + key.replace("_", "-")
+        if isinstance(value, (list, tuple)) and key in LIST_LITERAL_ARGS:
+            value = "[" + ",".join(str(v) for v in value) + "]"
         if value is True:
             argv.append(flag)
         elif value is False or value is None:
