@@ -20,7 +20,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_fp8flow", "megatron_fp8flow.*"]),
-    package_data={"megatron_fp8flow.benchmarks": ["paper_results/*.csv", "paper_results/*.md"]},
+    package_data={"megatron_fp8flow.benchmarks": ["paper_results/*.csv", "paper_results/*.md"],
+                  "megatron_fp8flow.recipes": ["megatron_args/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

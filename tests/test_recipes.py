@@ -6,7 +6,7 @@ import pytest
 from megatron_fp8flow.recipes import RecipeError, list_recipes, load_recipe, to_argv
 from megatron_fp8flow.recipes.recipe import parse_override
 
-pytest.importorskip("megatron.core")  # keys are checked against TransformerConfig's fields
+pytest.importorskip("megatron.core")  # the fp8flow sections are checked by the plugin's settings
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -15,6 +15,48 @@ def test_every_recipe_loads_and_validates(name):
     argv = to_argv(recipe)
     assert "--num-layers" in argv and "--hidden-size" in argv
     assert ("--moe-fp8-flow" in argv) == recipe.fp8flow_enabled
+
+
+def test_keys_are_megatron_lm_arguments(tmp_path):
+    from megatron_fp8flow.recipes.recipe import megatron_arg_names
+
+    releases = megatron_arg_names()
+    assert {"core_r0.16", "core_r0.19"} <= set(releases)
+    for names in releases.values():  # flags as pretrain_gpt spells them, not TransformerConfig's fields
+        assert {"num_experts", "moe_layer_freq", "pipeline_model_parallel_layout", "no_rope_fusion"} <= names
+        assert not {"num_moe_experts", "layernorm_epsilon", "gated_linear_unit"} & names
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: proxies/tiny_cpu\nnum_moe_experts: 8\n")
+    with pytest.raises(RecipeError, match=r"'num_moe_experts' \(not a pretrain_gpt argument.*did you mean num_experts"):
+        load_recipe(bad)
+
+
+def _world_size(args) -> int:
+    return (args.get("tensor_model_parallel_size", 1) * args.get("pipeline_model_parallel_size", 1)
+            * args.get("expert_model_parallel_size", 1))
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_passes_megatron_lm_argument_checks(name, monkeypatch):
+    """Where megatron.training is importable (megatron-core >= 0.19, or a Megatron-LM checkout):
+    the launch command of each recipe is accepted by Megatron's own parser and validate_args."""
+    pytest.importorskip("megatron.training.arguments")
+    from megatron.training.arguments import parse_args, validate_args
+
+    from megatron_fp8flow.megatron.args import add_fp8flow_args
+    from megatron_fp8flow.pretrain_gpt import launch_command
+
+    recipe = load_recipe(name)
+    if "micro_batch_size" not in recipe.args:
+        pytest.skip("a model definition without training settings: the recipes that extend it are launched")
+    world = _world_size(recipe.args)
+    cmd = launch_command(recipe, 1)
+    monkeypatch.setattr("sys.argv", ["pretrain_gpt.py", *cmd[cmd.index("megatron_fp8flow.pretrain_gpt") + 1:]])
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    args = parse_args(extra_args_provider=add_fp8flow_args)
+    validate_args(args, {})
+    assert args.num_experts == recipe.args["num_experts"] and args.world_size == world
 
 
 def test_expected_recipes_exist():
@@ -53,7 +95,8 @@ def test_overrides_and_argv():
 def test_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("extends: proxies/tiny_cpu\nhidden_sise: 64\n")
-    with pytest.raises(RecipeError, match=r"bad.yaml: unknown Megatron argument 'hidden_sise'; did you mean hidden_size"):
+    with pytest.raises(RecipeError,
+                       match=r"bad.yaml: unknown Megatron argument 'hidden_sise' .*core_r0.19\); did you mean hidden_size"):
         load_recipe(bad)
     bad.write_text("extends: proxies/tiny_cpu\nfp8flow:\n  mode: fp4\n")
     with pytest.raises(RecipeError, match="bad.yaml: fp8flow: unknown --moe-fp8-flow mode 'fp4'"):

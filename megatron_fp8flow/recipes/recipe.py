@@ -3,25 +3,24 @@
 A recipe is a flat map of Megatron arguments in snake_case (``num_layers: 61``), an optional
 ``extends:`` (a recipe name or a path relative to the file; later keys override) and an optional
 ``fp8flow:`` section with :class:`~megatron_fp8flow.megatron.settings.FP8FlowSettings` fields
-plus ``enabled``. Every key is checked against Megatron's arguments (``TransformerConfig``'s
-fields from the installed megatron-core and the training arguments of
-:mod:`.training_args`) and every ``fp8flow`` value against the plugin's settings; an error
-names the recipe file, the key and what is allowed.
+plus ``enabled``. Every key is checked against Megatron-LM's ``pretrain_gpt`` arguments (the
+lists in ``megatron_args/``, one per Megatron-LM release, read from its parser by
+``scripts/megatron_arg_names.py``) and every ``fp8flow`` value against the plugin's settings; an
+error names the recipe file, the key and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from .training_args import TRAINING_ARGS
-
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+MEGATRON_ARGS_DIR = Path(__file__).resolve().parent / "megatron_args"
 FP8FLOW_KEYS = {"enabled", "mode", "sat_variant", "align", "recompute_experts", "gemm_backend"}
 
 
@@ -60,16 +59,15 @@ def find_recipe(name_or_path: Union[str, Path], relative_to: Optional[Path] = No
     raise RecipeError(f"recipe {str(name_or_path)!r} not found (a path, or one of: {known})")
 
 
-def _known_args() -> set:
-    names = set(TRAINING_ARGS)
-    try:
-        from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+@functools.lru_cache(maxsize=None)
+def megatron_arg_names() -> Dict[str, frozenset]:
+    """Megatron-LM release (e.g. ``core_r0.19``) -> its ``pretrain_gpt`` arguments as recipe keys."""
+    return {f.stem: frozenset(ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+            for f in sorted(MEGATRON_ARGS_DIR.glob("*.txt"))}
 
-        for cls in (TransformerConfig, MLATransformerConfig):
-            names |= {f.name for f in dataclasses.fields(cls)}
-    except ImportError:  # without megatron-core only the training arguments are known
-        pass
-    return names
+
+def _known_args() -> frozenset:
+    return frozenset().union(*megatron_arg_names().values())
 
 
 def _read(path: Path, seen: tuple) -> Recipe:
@@ -96,7 +94,9 @@ def validate(recipe: Recipe) -> Recipe:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise RecipeError(f"{where}: unknown Megatron argument {key!r}{hint}")
+            releases = ", ".join(megatron_arg_names())
+            raise RecipeError(f"{where}: unknown Megatron argument {key!r} (not a pretrain_gpt argument of "
+                              f"Megatron-LM {releases}){hint}")
         if isinstance(value, dict):
             raise RecipeError(f"{where}: {key!r} must be a value or a list, not a map")
     for key in recipe.fp8flow:

@@ -10,8 +10,8 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-# Megatron-LM training flags that are not TransformerConfig fields, and what they mean there.
-_RENAMED = {"norm_epsilon": "layernorm_epsilon", "num_query_groups": "num_query_groups"}
+# Megatron-LM arguments whose TransformerConfig field has another name.
+_RENAMED = {"norm_epsilon": "layernorm_epsilon", "num_experts": "num_moe_experts"}
 _MODEL_ONLY = {"vocab_size", "seq_length", "max_position_embeddings", "position_embedding_type", "rotary_base",
                "rotary_percent", "untie_embeddings_and_output_weights"}
 
