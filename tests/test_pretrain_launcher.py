@@ -67,3 +67,31 @@ def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
         if not compat.have_transformer_engine():  # this machine: Megatron's local layers, no TE fusions
             assert argv[argv.index("--transformer-impl") + 1] == "local" and "--no-rope-fusion" in argv
             assert "--no-gradient-accumulation-fusion" in argv
+
+
+def test_prebuilt_dataset_helpers_skip_megatrons_make(monkeypatch, caplog):
+    """The megatron-core wheels ship helpers_cpp without the Makefile that pretrain()'s ``make``
+    needs: with the helpers importable the build becomes a no-op; without them it stays."""
+    import logging
+    import subprocess
+
+    from megatron.core.datasets import utils
+
+    original = utils.compile_helpers
+    monkeypatch.setattr(utils, "compile_helpers", original)  # restored after the test
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("make must not run"))
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "megatron.core.datasets.helpers_cpp" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert compat.use_prebuilt_dataset_helpers() is False and utils.compile_helpers is original
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    if real_find_spec("megatron.core.datasets.helpers_cpp") is None:
+        pytest.skip("this megatron-core has no built helpers_cpp")
+    with caplog.at_level(logging.INFO):
+        assert compat.use_prebuilt_dataset_helpers() is True
+        assert compat.use_prebuilt_dataset_helpers() is True  # idempotent: wrapped once
+    assert utils.compile_helpers.__wrapped__ is original and utils.compile_helpers() is None
+    assert sum("compile_helpers skipped" in r.getMessage() for r in caplog.records) == 1

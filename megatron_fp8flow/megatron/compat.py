@@ -135,6 +135,34 @@ def accepted_kwargs(fn, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def use_prebuilt_dataset_helpers() -> bool:
+    """Skip Megatron's runtime ``make`` of its dataset helpers when they are already built.
+
+    ``pretrain()`` always runs ``make`` in ``megatron/core/datasets`` on rank 0 and exits when it
+    fails. The megatron-core wheels ship the compiled ``helpers_cpp`` but no Makefile, so from a
+    wheel that ``make`` always fails. When ``helpers_cpp`` imports, the build is replaced by a
+    no-op (the original kept in ``__wrapped__``); a source checkout without it still builds.
+    Idempotent; returns whether the build is skipped."""
+    import logging
+
+    from megatron.core.datasets import utils
+
+    if getattr(utils.compile_helpers, "__wrapped__", None) is not None:
+        return True
+    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is None:
+        return False
+    original = utils.compile_helpers
+
+    def compile_helpers():  # the helpers are importable: nothing to build
+        return None
+
+    compile_helpers.__wrapped__ = original
+    utils.compile_helpers = compile_helpers
+    logging.getLogger(__name__).info("megatron.core.datasets.utils.compile_helpers skipped: helpers_cpp is "
+                                     "already built (megatron-core %s)", ".".join(map(str, megatron_version())))
+    return True
+
+
 def run_pretrain(datasets_provider, model_provider, forward_step, extra_args_provider, check_args) -> None:
     """Megatron's ``pretrain()`` in the form this version has: from 0.19 it takes a config
     container built from the parsed arguments; before, it parses the arguments itself."""
@@ -143,6 +171,7 @@ def run_pretrain(datasets_provider, model_provider, forward_step, extra_args_pro
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
+    use_prebuilt_dataset_helpers()
     if "cfg_container" in inspect.signature(pretrain).parameters:
         from megatron.training.argument_utils import pretrain_cfg_container_from_args
         from megatron.training.arguments import parse_and_validate_args
