@@ -149,8 +149,8 @@ def launch_command(recipe, nproc: int = 1) -> list:
     Defaults a recipe may leave out: mock data when it names no data, the null tokenizer (byte
     or synthetic ids need no vocabulary files) when it names no tokenizer; without
     TransformerEngine, Megatron's local layers and no RoPE fusion (TE's kernel); without apex's
-    fused weight-gradient kernel, no gradient-accumulation fusion (Megatron's linear layers
-    refuse to start otherwise)."""
+    fused weight-gradient kernel, no gradient-accumulation fusion, and without TE or apex no
+    persistent LayerNorm (Megatron's linear and norm layers refuse to start otherwise)."""
     from .recipes.recipe import to_argv
 
     args = recipe.args
@@ -164,6 +164,8 @@ def launch_command(recipe, nproc: int = 1) -> list:
             argv += ["--transformer-impl", "local"]
         if not args.get("apply_rope_fusion"):
             argv.append("--no-rope-fusion")
+        if not compat.have_apex() and not args.get("no_persist_layer_norm"):
+            argv.append("--no-persist-layer-norm")  # apex's persistent LayerNorm; torch's norm refuses it
     fuse = args.get("gradient_accumulation_fusion")
     if fuse is False or (fuse is None and not _have_fused_wgrad()):  # Megatron's flag is the negation
         argv.append("--no-gradient-accumulation-fusion")

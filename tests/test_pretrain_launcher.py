@@ -67,6 +67,7 @@ def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
         if not compat.have_transformer_engine():  # this machine: Megatron's local layers, no TE fusions
             assert argv[argv.index("--transformer-impl") + 1] == "local" and "--no-rope-fusion" in argv
             assert "--no-gradient-accumulation-fusion" in argv
+            assert ("--no-persist-layer-norm" in argv) == (not compat.have_apex())
 
 
 def test_prebuilt_dataset_helpers_skip_megatrons_make(monkeypatch, caplog):

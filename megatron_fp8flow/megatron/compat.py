@@ -47,6 +47,10 @@ def have_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def have_apex() -> bool:
+    return importlib.util.find_spec("apex") is not None
+
+
 def default_pg_collection():
     """Megatron's process groups for MoE from its global parallel state."""
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
