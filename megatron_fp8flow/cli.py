@@ -260,7 +260,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a relaunch under torchrun repeats
-    return args.func(args)
+    from .recipes import RecipeError
+
+    try:
+        return args.func(args)
+    except RecipeError as err:  # a recipe or --set value that cannot be used: the message says why
+        print(f"fp8flow {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -151,9 +151,14 @@ def launch_command(recipe, nproc: int = 1) -> list:
     TransformerEngine, Megatron's local layers and no RoPE fusion (TE's kernel); without apex's
     fused weight-gradient kernel, no gradient-accumulation fusion, and without TE or apex no
     persistent LayerNorm (Megatron's linear and norm layers refuse to start otherwise)."""
-    from .recipes.recipe import to_argv
+    from .recipes.recipe import RecipeError, to_argv
 
     args = recipe.args
+    warmup, decay = args.get("lr_warmup_iters") or 0, args.get("lr_decay_iters") or args.get("train_iters")
+    if warmup and decay and warmup >= decay:  # Megatron's scheduler asserts this without a message
+        which = "lr_decay_iters" if args.get("lr_decay_iters") else "train_iters"
+        raise RecipeError(f"{recipe.name}: lr_warmup_iters ({warmup}) must be less than {which} ({decay}); "
+                          f"set a shorter warm-up, e.g. --set lr_warmup_iters={max(decay // 10, 0)}")
     argv = to_argv(recipe)
     if not any(args.get(k) for k in ("data_path", "train_data_path", "mock_data")):
         argv.append("--mock-data")

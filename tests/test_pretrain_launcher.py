@@ -54,7 +54,8 @@ def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
     from megatron_fp8flow.cli import main
 
     assert main(["train", "proxies/deepseek_v3_proxy_2gpu", "--megatron", "--nproc", "2", "--compare",
-                 "bf16,fp8flow", "--steps", "5", "--set", "moe_layer_freq=[0, 1, 1]", "--dry-run"]) == 0
+                 "bf16,fp8flow", "--steps", "5", "--set", "lr_warmup_iters=1", "--set", "moe_layer_freq=[0, 1, 1]",
+                 "--dry-run"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("+ ")]
     assert len(lines) == 2
     for line, mode in zip(lines, ("bf16", "flow")):
@@ -96,3 +97,20 @@ def test_prebuilt_dataset_helpers_skip_megatrons_make(monkeypatch, caplog):
         assert compat.use_prebuilt_dataset_helpers() is True  # idempotent: wrapped once
     assert utils.compile_helpers.__wrapped__ is original and utils.compile_helpers() is None
     assert sum("compile_helpers skipped" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_warmup_longer_than_the_run_is_named():
+    from megatron_fp8flow.recipes import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"lr_warmup_iters \(10\) must be less than train_iters \(6\).*lr_warmup_iters=0"):
+        pretrain_gpt.launch_command(load_recipe("proxies/tiny_cpu", {"train_iters": 6}))
+    assert pretrain_gpt.launch_command(load_recipe("proxies/tiny_cpu", {"train_iters": 6, "lr_warmup_iters": 2}))
+
+
+def test_cli_reports_recipe_errors_without_a_traceback(capsys):
+    from megatron_fp8flow.cli import main
+
+    assert main(["train", "proxies/tiny_cpu", "--megatron", "--steps", "6", "--dry-run"]) == 2
+    assert "fp8flow train: error: tiny_cpu: lr_warmup_iters (10) must be less than" in capsys.readouterr().err
+    assert main(["train", "proxies/tiny_cpu", "--set", "hidden_sise=64"]) == 2
+    assert "unknown Megatron argument 'hidden_sise'" in capsys.readouterr().err
