@@ -168,7 +168,8 @@ def _cmd_train(args) -> int:
 def _cmd_compare(args) -> int:
     from .training import compare
 
-    results = compare.merge(args.dirs, args.out)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    results = compare.merge(args.dirs, args.out, labels, args.smooth)
     print(compare.table(results))
     if len(results) > 1:
         report = compare.convergence(results, window=args.window)
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="fp8flow_results", help="directory for the merged figures and plot")
     c.add_argument("--window", type=int, help="moving-average window (points) for the check (default: 3 "
                                               "validation points, or 20 logged training points)")
+    c.add_argument("--labels", help="a name per directory instead of its precision, e.g. repeats of one "
+                                    "precision: 'bf16,fp8flow,bf16 repeat' (the first is the baseline)")
+    c.add_argument("--smooth", type=int, default=1, help="plot the training loss as a mean of N logged points")
     c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="the main job: the proxy that fits this machine, bf16 and fp8flow "

@@ -125,11 +125,21 @@ def test_convergence_criterion_and_merge(tmp_path):
     assert report["drift"]["loss"] == "val_loss" and report["drift"]["passes"] and report["drift"]["points"] == 10
     for name, losses in (("bf16", base), ("fp8flow", close)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "compare.json").write_text(json.dumps({name: run(losses)}))
+        r = {**run(losses), "summary": compare.summarize(run(losses)["history"]), "device": "GPU X, peak memory: Y"}
+        (tmp_path / name / "compare.json").write_text(json.dumps({name: r}))
     merged = compare.merge([str(tmp_path / "bf16"), str(tmp_path / "fp8flow")], str(tmp_path / "both"))
     assert list(merged) == ["bf16", "fp8flow"] and (tmp_path / "both" / "loss_curves.png").stat().st_size > 1000
+    assert "Device: GPU X, peak memory: Y." in compare.table(merged)  # the runs' machine, not this one
     with pytest.raises(ValueError, match="more than one"):
         compare.merge([str(tmp_path / "bf16"), str(tmp_path / "both")], str(tmp_path / "again"))
+    # Repeats of one precision, labelled apart: the repeat compares against the first run.
+    repeat = compare.merge([str(tmp_path / "bf16"), str(tmp_path / "bf16")], str(tmp_path / "rep"),
+                           labels=["bf16", "bf16 repeat"], smooth=5)
+    assert list(repeat) == ["bf16", "bf16 repeat"] and compare.convergence(repeat)["bf16 repeat"]["max_abs_rel"] == 0
+    with pytest.raises(ValueError, match="holds 2 runs"):
+        compare.merge([str(tmp_path / "both")], str(tmp_path / "x"), labels=["a"])
+    with pytest.raises(ValueError, match="1 labels for 2"):
+        compare.merge([str(tmp_path / "bf16"), str(tmp_path / "fp8flow")], str(tmp_path / "x"), labels=["a"])
 
 
 def test_clipping_uses_the_global_norm():

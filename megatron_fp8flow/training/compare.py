@@ -26,6 +26,14 @@ def demo_recipe() -> str:
     return "proxies/tiny_cpu"
 
 
+def device_description() -> str:
+    """What ran the training and how its peak memory is measured (kept with each result, so a
+    comparison merged elsewhere names the machine of its runs, not its own)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, peak memory: GPU allocated"
+    return "CPU (plain-PyTorch kernels), peak memory: process resident set (all runs so far)"
+
+
 DEMO_GPU_STEPS = 200  # the demo's default length on a GPU (the recipe's 2000 are the convergence run)
 
 
@@ -51,7 +59,8 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
                  f"{rec.tokens_per_s:,.0f} tokens/s  peak {rec.peak_mem_gb:.2f} GB")
 
         history = train(recipe, steps=steps, on_log=progress)
-        results[precision] = {"recipe": recipe_name, "history": history, "summary": summarize(history)}
+        results[precision] = {"recipe": recipe_name, "history": history, "summary": summarize(history),
+                              "device": device_description()}
     if not lead:
         return None
     with open(os.path.join(out_dir, "compare.json"), "w") as fh:
@@ -64,22 +73,32 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def merge(dirs: Sequence[str], out_dir: str) -> Dict[str, dict]:
+def merge(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] = None,
+          smooth: int = 1) -> Dict[str, dict]:
     """Results of runs made apart (e.g. one precision per GPU, side by side) as one comparison:
-    compare.json and loss_curves.png in ``out_dir``."""
+    compare.json and loss_curves.png in ``out_dir``. ``labels`` names each directory's run
+    instead of its precision (each directory then holds one run): repeats of one precision, e.g.
+    "bf16,fp8flow,bf16 repeat", compare as runs of their own."""
     results: Dict[str, dict] = {}
-    for d in dirs:
+    if labels is not None and len(labels) != len(dirs):
+        raise ValueError(f"{len(labels)} labels for {len(dirs)} directories")
+    for i, d in enumerate(dirs):
         with open(os.path.join(d, "compare.json")) as fh:
-            for precision, r in json.load(fh).items():
-                if precision in results:
-                    raise ValueError(f"precision {precision!r} is in more than one of {list(dirs)}")
-                results[precision] = r
+            runs = json.load(fh)
+        if labels is not None:
+            if len(runs) != 1:
+                raise ValueError(f"{d} holds {len(runs)} runs ({', '.join(runs)}); a label names one")
+            runs = {labels[i]: next(iter(runs.values()))}
+        for name, r in runs.items():
+            if name in results:
+                raise ValueError(f"run {name!r} is in more than one of {list(dirs)}; label them apart (labels=)")
+            results[name] = r
     if not results:
         raise ValueError(f"no results in {list(dirs)}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compare.json"), "w") as fh:
         json.dump(results, fh, indent=1)
-    plot(results, os.path.join(out_dir, "loss_curves.png"), next(iter(results.values()))["recipe"])
+    plot(results, os.path.join(out_dir, "loss_curves.png"), next(iter(results.values()))["recipe"], smooth)
     return results
 
 
@@ -148,13 +167,14 @@ def table(results: Dict[str, dict]) -> str:
         lines.append(f"| {precision} | {s['steps']} | {s['final_loss']:.4f} | "
                      f"{100 * (s['final_loss'] / base['final_loss'] - 1):+.2f}% | {s['tokens_per_s']:,.0f} | "
                      f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x | {s['peak_mem_gb']:.2f} |")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (plain-PyTorch kernels)"
-    lines.append(f"\nDevice: {device}. Loss: mean of the last 10% of logged steps. Peak memory: "
-                 f"{'GPU allocated' if torch.cuda.is_available() else 'process resident set (all runs so far)'}.")
+    devices = sorted({r.get("device", "not recorded") for r in results.values()})
+    lines.append(f"\nDevice: {'; '.join(devices)}. Loss: mean of the last 10% of logged steps.")
     return "\n".join(lines)
 
 
-def plot(results: Dict[str, dict], path: str, title: str) -> str:
+def plot(results: Dict[str, dict], path: str, title: str, smooth: int = 1) -> str:
+    """Training loss per logged step (a trailing mean over ``smooth`` points when > 1) and the
+    validation points, one colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,14 +184,15 @@ def plot(results: Dict[str, dict], path: str, title: str) -> str:
     for precision, r in results.items():
         hist = r["history"]
         val = [(h["step"], h["val_loss"]) for h in hist if h.get("val_loss") is not None]
-        line, = ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=f"{precision} (training)",
-                        alpha=0.45 if val else 1.0, linewidth=0.8 if val else 1.5)
+        train_label = f"{precision} (training{f', mean of {smooth}' if smooth > 1 else ''})"
+        line, = ax.plot([h["step"] for h in hist], smoothed([h["loss"] for h in hist], max(1, smooth)),
+                        label=train_label, alpha=0.45 if val else 1.0, linewidth=0.8 if val else 1.5)
         if val:
             ax.plot(*zip(*val), marker="o", markersize=3, color=line.get_color(), label=f"{precision} (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss per byte")
     ax.set_title(f"{title}: loss by precision")
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

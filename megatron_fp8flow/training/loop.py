@@ -122,15 +122,17 @@ def _validation_loss(model, data: ByteBatches, iters: int, pos, mask, rank: int,
     return float(total)
 
 
-def train(recipe: Recipe, steps: Optional[int] = None, seed: int = 1234,
+def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = None,
           on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
-    receives the trained model under "model")."""
+    receives the trained model under "model"). ``seed`` (default: the recipe's ``seed``, else
+    Megatron's default 1234) sets the initial weights and the order of the training text."""
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
     from ..megatron import small_model
 
     args = recipe.args
+    seed = seed if seed is not None else args.get("seed", 1234)
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     _check_layout(args, world)
     small_model.init_parallel(rank, world, ep=world)
