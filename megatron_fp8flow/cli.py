@@ -73,6 +73,15 @@ def _cmd_audit(args) -> int:
     return 0 if results.get("flow", {}).get("explicit") == 2 else 1
 
 
+def _cmd_data(args) -> int:
+    from .training.text import write_indexed_dataset
+
+    stats = write_indexed_dataset(args.prefix, args.corpus)
+    print(f"{args.prefix}.bin/.idx: {args.corpus}, {stats['documents']:,} documents, {stats['tokens']:,} byte "
+          f"tokens (vocab_size 256). Train on it with --set data_path={args.prefix} (compact loop or --megatron).")
+    return 0
+
+
 def _cmd_recipe(args) -> int:
     from .recipes import list_recipes, load_recipe, to_argv
     from .recipes.recipe import parse_override
@@ -220,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an argument (fp8flow.mode=... for the plugin's settings)")
     r.set_defaults(func=_cmd_recipe)
+
+    from .training.text import CORPORA
+
+    dd = sub.add_parser("data", help="write real text that ships with Python as a Megatron indexed dataset "
+                                     "(byte-level tokens) for data_path")
+    dd.add_argument("prefix", help="output path without extension: PREFIX.bin and PREFIX.idx")
+    dd.add_argument("--corpus", choices=CORPORA, default="python-docs",
+                    help="python-docs (~0.5 MB, the default) or python-stdlib (docs + standard library, ~12 MB)")
+    dd.set_defaults(func=_cmd_data)
 
     pt = sub.add_parser("patch", help="add the plugin to a Megatron-LM checkout's pretrain_gpt.py")
     pt.add_argument("checkout", help="path of the Megatron-LM checkout (or fork)")

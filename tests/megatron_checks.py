@@ -151,6 +151,28 @@ def compact_loop_smoke(rank, world, port, queue):
     queue.put((rank, {"history": history, "shared": shared, "expert_params": experts}))
 
 
+def compact_loop_on_indexed_data(rank, world, port, queue):
+    """Two steps of the tiny recipe on the Megatron indexed dataset at $FP8FLOW_TEST_DATA, and
+    the text the loop reads from it (its sizes and digests)."""
+    import hashlib
+    import os
+
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training import loop
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
+    prefix = os.environ["FP8FLOW_TEST_DATA"]
+    recipe = load_recipe("proxies/tiny_cpu", {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2,
+                                              "global_batch_size": 2, "log_interval": 1, "eval_interval": 2,
+                                              "eval_iters": 1, "data_path": [prefix], "split": "90,10,0"})
+    batches = loop._batches(recipe.args, 2, 0)
+    history = loop.train(recipe, steps=2)
+    digest = {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in (("train", batches.train),
+                                                                                ("valid", batches.valid))}
+    # Small results only: the parent reads the queue after the ranks end (a full pipe would block).
+    queue.put((rank, {"history": history, "sizes": (len(batches.train), len(batches.valid)), **digest}))
+
+
 def model_specs(rank, world, port, queue):
     """What the compact loop's specs build for a 3-layer MLA recipe with moe_layer_freq [0,1,1]."""
     from megatron_fp8flow.megatron.compat import spec_builds

@@ -53,6 +53,86 @@ def test_byte_corpus_is_real_text():
     assert not (ByteBatches(32, 3, seed=5).next()[0] != ids).any()  # seeded
 
 
+def test_indexed_dataset_of_real_text(tmp_path, capsys):
+    """`fp8flow data` writes the corpus as a Megatron indexed dataset: read back byte for byte,
+    read by Megatron's own GPTDataset (what pretrain() uses with --data-path), and trained on by
+    the compact loop through data_path; bad data paths and splits are named."""
+    import hashlib
+    import os
+
+    import numpy
+    import torch
+
+    from megatron_fp8flow.cli import main
+    from megatron_fp8flow.training import text
+
+    prefix = str(tmp_path / "docs")
+    assert main(["data", prefix]) == 0
+    assert "python-docs" in capsys.readouterr().out
+    docs = text.documents("python-docs")
+    stream = text.read_indexed_datasets([prefix], vocab_size=256)
+    assert torch.equal(stream, torch.cat(docs).long())  # every document, in order, every byte
+    # Megatron's GPTDataset over it: windows of the text, labels shifted by one.
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    cfg = GPTDatasetConfig(random_seed=1, sequence_length=64, blend=([prefix], None), split="98,2,0",
+                           tokenizer=NullTokenizer(256), reset_position_ids=False, reset_attention_mask=False,
+                           eod_mask_loss=False, path_to_cache=str(tmp_path / "cache"), mmap_bin_files=True)
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, [8, 4, 0], lambda: True, cfg).build()
+    whole = bytes(stream.to(torch.uint8).tolist())
+    for ds in (train_ds, valid_ds):
+        sample = ds[0][0] if isinstance(ds[0], tuple) else ds[0]
+        tokens, labels = sample["tokens"], sample["labels"]
+        assert tokens.shape == (64,) and torch.equal(tokens[1:], labels[:-1]) and int(tokens.max()) < 256
+        assert bytes(tokens[:24].to(torch.uint8).tolist()) in whole  # real text from the corpus
+    # The compact loop trains on it (data_path, Megatron's split).
+    os.environ["FP8FLOW_TEST_DATA"] = prefix
+    try:
+        ranks = sm.spawn(checks.compact_loop_on_indexed_data, 1)
+    finally:
+        del os.environ["FP8FLOW_TEST_DATA"]
+    run = ranks[0]
+    cut, valid = int(0.9 * len(stream)), int(0.1 * len(stream))
+
+    def digest(t):
+        return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+    assert run["sizes"] == (cut, valid) and run["train"] == digest(stream[:cut])
+    assert run["valid"] == digest(stream[cut:cut + valid])
+    assert all(math.isfinite(h["loss"]) for h in run["history"]) and run["history"][1]["val_loss"] is not None
+    # Errors that name the problem.
+    with pytest.raises(FileNotFoundError, match=r"nothere.bin not found .*fp8flow data"):
+        text.read_indexed_datasets([str(tmp_path / "nothere")])
+    with pytest.raises(ValueError, match="weighted blends are for Megatron's pretrain"):
+        text.read_indexed_datasets(["0.3", prefix, "0.7", prefix])
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    wide = str(tmp_path / "wide")
+    builder = IndexedDatasetBuilder(wide + ".bin", dtype=numpy.uint16)
+    builder.add_document(numpy.array([5, 300, 7], dtype=numpy.uint16), [3])
+    builder.finalize(wide + ".idx")
+    with pytest.raises(ValueError, match=r"token id 300 is outside the vocabulary \(vocab_size 256\)"):
+        text.read_indexed_datasets(wide, vocab_size=256)
+    assert text.split_fractions("949,50,1") == (0.949, 0.05) and text.split_fractions(None) == (0.95, 0.05)
+    with pytest.raises(ValueError, match="split '1,2,3,4'"):
+        text.split_fractions("1,2,3,4")
+    with pytest.raises(ValueError, match="the validation split holds 0 tokens"):
+        text.ByteBatches(16, 2, tokens=stream[:1000], split=1.0)
+    with pytest.raises(ValueError, match="unknown corpus 'wiki'"):
+        text.documents("wiki")
+
+
+def test_stdlib_corpus_is_larger_real_text():
+    from megatron_fp8flow.training import text
+
+    docs = text.documents("python-stdlib")
+    small = text.documents("python-docs")
+    assert len(docs) > len(small) + 300 and sum(map(len, docs)) > 10 * sum(map(len, small))
+    assert all(len(d) for d in docs) and all(a.equal(b) for a, b in zip(docs, small))  # the docs come first
+
+
 @pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
 def test_compact_loop_trains_two_steps(world):
     import torch

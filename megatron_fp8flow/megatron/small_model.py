@@ -42,22 +42,13 @@ def device_shape(**overrides) -> SmallMoE:
     return SmallMoE(**{**widths, **overrides})
 
 
-def _free_port() -> int:
-    """A port no one listens on: single-process runs side by side on one machine must not meet."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_parallel(rank: int = 0, world: int = 1, ep: int = 1, port: Optional[int] = None) -> None:
     """torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's model-parallel groups."""
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT") or (_free_port() if world == 1 else 29531))
+        os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT") or (free_port() if world == 1 else 29531))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(rank % torch.cuda.device_count())

@@ -1,4 +1,5 @@
-"""The compact training loop: a recipe's model and schedule on byte-level real text.
+"""The compact training loop: a recipe's model and schedule on byte-level real text (the
+python-docs corpus, or the Megatron indexed datasets a recipe names in ``data_path``).
 
 Megatron-LM's ``pretrain()`` (:mod:`megatron_fp8flow.pretrain_gpt`) is the full launcher; this
 loop runs where ``megatron.training`` is missing (the 0.16 wheel, CI, the CPU demo) and is what
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from ..megatron.settings import FP8FlowSettings
 from ..recipes import Recipe
 from .model import build_model
-from .text import ByteBatches
+from .text import ByteBatches, read_indexed_datasets, split_fractions
 
 
 @dataclass
@@ -122,6 +123,16 @@ def _validation_loss(model, data: ByteBatches, iters: int, pos, mask, rank: int,
     return float(total)
 
 
+def _batches(args: dict, micro: int, seed: int) -> ByteBatches:
+    """The recipe's text: Megatron indexed datasets when it names a ``data_path`` (split by its
+    ``split``), else the python-docs corpus (95% training, 5% validation)."""
+    if not args.get("data_path"):
+        return ByteBatches(args["seq_length"], micro, seed)
+    tokens = read_indexed_datasets(args["data_path"], args.get("vocab_size"))
+    train_part, valid_part = split_fractions(args.get("split"))
+    return ByteBatches(args["seq_length"], micro, seed, split=train_part, tokens=tokens, valid_fraction=valid_part)
+
+
 def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = None,
           on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
@@ -152,7 +163,7 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
                          f"{micro} x {world}")
     accumulate = glob // (micro * world)
     total = steps or args.get("train_iters", 100)
-    data = ByteBatches(args["seq_length"], micro, seed + 1000 * rank)
+    data = _batches(args, micro, seed + 1000 * rank)
     seq = args["seq_length"]
     dev = next(model.parameters()).device
     pos = torch.arange(seq, device=dev).expand(micro, -1)
