@@ -3,7 +3,10 @@
 # the 2000-step convergence run (bf16 on GPU 0 and fp8flow on GPU 1 at the same time).
 # megatron-core is installed from wheels in .whl/ when it is not importable.
 # Usage: scripts/gpu_training.sh OUTPUT_DIR [STEP ...]
-#   STEP: proxy1 | proxy2 | converge   (default: proxy1 proxy2)
+#   STEP: proxy1 | proxy2 | converge | converge-bf16 | converge-fp8flow | megatron1 | megatron2
+#   (default: proxy1 proxy2). converge needs two GPUs; converge-bf16 and converge-fp8flow run one
+#   precision each on one GPU (merge them with fp8flow compare). megatron1/megatron2: the
+#   one-GPU proxy (16 experts) and the EP2 proxy through Megatron's pretrain(), a few iterations.
 source "$(dirname "$0")/gpu_common.sh"
 cli="python3 -m megatron_fp8flow.cli"
 # Proxy tables: short runs (tokens/s from the logged intervals after the first; peak memory).
@@ -31,5 +34,28 @@ step_converge() {
   $cli compare "$out/conv_bf16" "$out/conv_fp8flow" --out "$out/convergence" 2>&1 | quiet | tee "$out/convergence.log"
   return "${PIPESTATUS[0]}"
 }
+
+converge_one() {
+  timeout 570 $cli train proxies/deepseek_v3_proxy_1gpu_convergence --compare "$1" --out "$out/conv_$1" \
+    > "$out/conv_$1.log" 2>&1
+  local rc=$?
+  grep "step .*/2000" "$out/conv_$1.log" | tail -2
+  return $rc
+}
+step_converge_bf16() { converge_one bf16; }
+step_converge_fp8flow() { converge_one fp8flow; }
+# Through pretrain(): iteration times and losses in Megatron's own log lines.
+megatron_proxy() {
+  local name=$1 nproc=$2
+  shift 2
+  timeout 280 $cli train "proxies/$name" --megatron --nproc "$nproc" --compare bf16,fp8flow --steps 12 \
+    --set lr_warmup_iters=2 --set log_interval=3 --set eval_iters=1 --set eval_interval=1000 "$@" \
+    > "$out/megatron_$name.log" 2>&1
+  local rc=$?
+  grep -E "iteration +(6|9|12)/|Error|error:" "$out/megatron_$name.log" | cut -c1-260 | tail -8
+  return $rc
+}
+step_megatron1() { megatron_proxy deepseek_v3_proxy_1gpu 1 --set num_experts=16; }
+step_megatron2() { megatron_proxy deepseek_v3_proxy_2gpu 2 --set num_experts=32 --set global_batch_size=4; }
 
 gpu_main "proxy1 proxy2" "$@"
