@@ -175,6 +175,17 @@ def test_train_command_compares_precisions(tmp_path):
     results = json.loads((tmp_path / "compare.json").read_text())
     assert set(results) == {"bf16", "fp8flow"} and len(results["fp8flow"]["history"]) == 2
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    # Megatron's deterministic_mode: deterministic algorithms only (on the CPU some take another
+    # summation order, so the losses agree closely, not to the bit).
+    again = subprocess.run(
+        [sys.executable, "-m", "megatron_fp8flow.cli", "train", "proxies/tiny_cpu", "--steps", "4", "--compare",
+         "fp8flow", "--set", "log_interval=2", "--set", "seq_length=16", "--set", "max_position_embeddings=16",
+         "--set", "deterministic_mode=true", "--out", str(tmp_path / "det")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    det = json.loads((tmp_path / "det" / "compare.json").read_text())["fp8flow"]["history"]
+    assert len(det) == 2 and all(h["loss"] == pytest.approx(r["loss"], rel=1e-4)
+                                 for h, r in zip(det, results["fp8flow"]["history"]))
 
 
 def test_convergence_criterion_and_merge(tmp_path):

@@ -137,7 +137,24 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
           on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
     receives the trained model under "model"). ``seed`` (default: the recipe's ``seed``, else
-    Megatron's default 1234) sets the initial weights and the order of the training text."""
+    Megatron's default 1234) sets the initial weights and the order of the training text.
+
+    With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
+    algorithms only (an op without one raises, naming itself), so two runs of one seed give the
+    same losses on a GPU too; otherwise atomics in a few backward ops make GPU runs differ."""
+    if not recipe.args.get("deterministic_mode"):
+        return _train(recipe, steps, seed, on_log, keep_model)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(recipe, steps, seed, on_log, keep_model)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
+           on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict]) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
     from ..megatron import small_model
