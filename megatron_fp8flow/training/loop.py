@@ -140,8 +140,8 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
     Megatron's default 1234) sets the initial weights and the order of the training text.
 
     With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
-    algorithms only (an op without one raises, naming itself), so two runs of one seed give the
-    same losses on a GPU too; otherwise atomics in a few backward ops make GPU runs differ."""
+    algorithms only (an op without one raises, naming itself): without it, atomics in a few
+    backward ops make two GPU runs of one seed drift apart. (Not yet run on a GPU.)"""
     if not recipe.args.get("deterministic_mode"):
         return _train(recipe, steps, seed, on_log, keep_model)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
