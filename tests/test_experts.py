@@ -186,6 +186,37 @@ def test_recompute_gives_identical_gradients(mode):
         ExpertPrecision(mode="bf16", recompute_experts=True)
 
 
+@pytest.mark.parametrize("mode", ["blockwise", "flow"])
+def test_forward_copies_are_dropped_without_changing_gradients(mode, monkeypatch):
+    """A call that quantizes its own weights frees their forward FP8 copies after the forward
+    GEMMs (the backward quantizes transposed copies from the source weights); a cached set keeps
+    them for the next microbatch. Gradients are bit for bit those of the cached set, which
+    never drops."""
+    from megatron_fp8flow.moe import experts
+
+    dropped = []
+    real_drop = experts._FP8Weights.drop_forward_copies
+
+    def spy(self):
+        real_drop(self)
+        dropped.append((self.fc1, self.fc2, sorted(self._layout)))
+
+    monkeypatch.setattr(experts._FP8Weights, "drop_forward_copies", spy)
+    x, probs, dout = _inputs(seed=9)
+    own = _run(_make(mode), x, probs, dout)
+    assert dropped == [(None, None, ["fc1", "fc2"])]
+    cached_module = _make(mode)
+    xr, pr = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+    out = cached_module(xr, SPLITS, pr, is_first_microbatch=True)
+    out.backward(dout)
+    assert len(dropped) == 1 and cached_module._fp8_cache[1].fc1 is not None  # kept for later microbatches
+    cached = (out, xr.grad, pr.grad, [w.grad for w in cached_module.linear_fc1.weights()],
+              [w.grad for w in cached_module.linear_fc2.weights()])
+    for ga, gb in zip(own, cached):
+        for u, v in zip(ga if isinstance(ga, list) else [ga], gb if isinstance(gb, list) else [gb]):
+            assert torch.equal(u, v)
+
+
 def test_expert_benchmark_routing_and_render():
     """The benchmark's routings sum to tokens x top-k (padded) and its table renders; the timing
     itself needs a GPU (`fp8flow bench experts`)."""

@@ -120,6 +120,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
             _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
             h_row, h_col = fp8.quantize_row_and_col(h, groups)
             out = gemm.grouped_rowwise_gemm(h_row, w2_8, groups, backend=be)
+            _drop_if_own(fw, fp8_weights, be, out.device)
             ctx.saved = (x_col, h_col, fw)
             ctx.save_for_backward(y1, probs)
             return out
@@ -130,6 +131,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
             ctx.saved = (x8, None, None)
             ctx.save_for_backward(probs, *weights)
         else:
+            _drop_if_own(fw, fp8_weights, be, out.device)
             ctx.saved = (x8, h8, fw)
             ctx.save_for_backward(y1, probs)
         return out
@@ -194,12 +196,27 @@ class _FP8Weights:
     others, so a cached set pays for them once per step. They are quantized again from the
     source weights by the fused kernel that writes the transposed layout (the same bytes: a
     128x128 block keeps its scale under transposition); a strided byte copy of the forward
-    copies took 4 ms per linear at 32 DeepSeek-V3 experts, the kernel a fraction of that."""
+    copies took 4 ms per linear at 32 DeepSeek-V3 experts, the kernel a fraction of that.
+
+    Because the transposed copies come from the source weights, a set made for one call can drop
+    its forward copies once the forward GEMMs are done (:meth:`drop_forward_copies`)."""
 
     def __init__(self, fc1: List[BlockwiseFP8Tensor], fc2: List[BlockwiseFP8Tensor], sources=None):
         self.fc1, self.fc2 = fc1, fc2
         self._sources = sources or {}  # "fc1"/"fc2" -> the weights the copies were made from
         self._transposed = {}
+        self._layout = {}  # "fc1"/"fc2" -> (shape, scale shape, device, pow2) of dropped forward copies
+
+    def drop_forward_copies(self) -> None:
+        """Free the forward copies (fc1/fc2 become None) where the transposed ones can be made
+        from the source weights: otherwise they would live from the forward to the backward
+        (1.4 GB per DeepSeek-V3 layer at 32 experts) for nothing. Only for backends that take
+        the transposed copies (cuBLAS, the emulation), not for Triton's in-place dgrad."""
+        for which in ("fc1", "fc2"):
+            ws = getattr(self, which)
+            if ws and self._sources.get(which):
+                self._layout[which] = (ws[0].shape, ws[0].scale_inv.shape, ws[0].data.device, ws[0].pow2_scales)
+                setattr(self, which, None)
 
     def transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
         if which not in self._transposed:
@@ -208,16 +225,20 @@ class _FP8Weights:
 
     def _quantize_transposed(self, which: str) -> Optional[List[BlockwiseFP8Tensor]]:
         ws, sources = getattr(self, which), self._sources.get(which)
-        if not sources or not ws:
+        if not sources:
             return None
-        n, k = ws[0].shape
-        dev = ws[0].data.device
-        data = torch.empty(len(ws), k, n, dtype=fp8.FP8_DTYPE, device=dev)
-        scale = torch.empty(len(ws), *ws[0].scale_inv.shape[::-1], dtype=torch.float32, device=dev)
-        scratch = (torch.empty_like(ws[0].data), torch.empty_like(ws[0].scale_inv))  # row-major output, unused
+        if which in self._layout:
+            (n, k), scale_shape, dev, pow2 = self._layout[which]
+        elif ws:
+            (n, k), scale_shape, dev, pow2 = ws[0].shape, ws[0].scale_inv.shape, ws[0].data.device, ws[0].pow2_scales
+        else:
+            return None
+        data = torch.empty(len(sources), k, n, dtype=fp8.FP8_DTYPE, device=dev)
+        scale = torch.empty(len(sources), *scale_shape[::-1], dtype=torch.float32, device=dev)
+        # The row-major output of the fused kernel, unused: one expert's worth, written over.
+        scratch = (torch.empty(n, k, dtype=fp8.FP8_DTYPE, device=dev), torch.empty(scale_shape, device=dev))
         with torch.no_grad():
-            return [fp8.quantize_weight_with_transpose(w.detach(), ws[0].pow2_scales, out=scratch,
-                                                       out_t=(data[i], scale[i]))[1]
+            return [fp8.quantize_weight_with_transpose(w.detach(), pow2, out=scratch, out_t=(data[i], scale[i]))[1]
                     for i, w in enumerate(sources)]
 
     def _copy_transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
@@ -228,14 +249,23 @@ class _FP8Weights:
                 for i, w in enumerate(ws)]
 
     def tensors(self) -> List[BlockwiseFP8Tensor]:
-        return self.fc1 + self.fc2 + [w for ws in self._transposed.values() for w in ws]
+        return (self.fc1 or []) + (self.fc2 or []) + [w for ws in self._transposed.values() for w in ws]
+
+
+def _drop_if_own(fw: "_FP8Weights", cached: Optional["_FP8Weights"], backend: str, device) -> None:
+    """Drop the forward copies of a set this call made (a cached set serves later microbatches)
+    when the backward takes transposed copies."""
+    if cached is None and gemm.resolve_backend(backend, device) != "triton":
+        fw.drop_forward_copies()
 
 
 def _dgrad(grad: BlockwiseFP8Tensor, fw: _FP8Weights, which: str, groups: GroupSplits, backend: str):
     """grad @ W for every group: Triton reads the forward weights transposed in place, cuBLAS and
-    the emulation take the transposed copies."""
-    if not getattr(fw, which) or gemm.resolve_backend(backend, grad.device) == "triton":
-        return gemm.grouped_rowwise_gemm(grad, getattr(fw, which), groups, backend=backend, transpose_weights=True)
+    the emulation take the transposed copies (the only ones left once the forward copies are
+    dropped: then ``fw.fc1``/``fc2`` is None)."""
+    forward = getattr(fw, which)
+    if forward is not None and (not forward or gemm.resolve_backend(backend, grad.device) == "triton"):
+        return gemm.grouped_rowwise_gemm(grad, forward, groups, backend=backend, transpose_weights=True)
     return gemm.grouped_rowwise_gemm(grad, fw.transposed(which), groups, backend=backend)
 
 
