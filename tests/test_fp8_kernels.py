@@ -193,18 +193,18 @@ def test_weight_quantize_and_transpose(device, cast_path, shape, pow2, dtype):
     w8, w8t = fp8.quantize_weight_with_transpose(w.to(device), pow2_scales=pow2, backend="triton")
     assert_fp8_equal(_cpu_ref(w8), exp, "weight")
     assert_fp8_equal(_cpu_ref(w8t), exp.t(), "weight^T")
-    # Into given buffers (slices of stacked weights), as the expert block does.
+    # The transposed copy alone, into given buffers (slices of stacked weights), as the expert
+    # block's backward makes it; the reference path gives the same bytes.
     n, k = shape
-    out = (torch.empty_like(w8.data), torch.empty_like(w8.scale_inv))
     stacked_t = (torch.empty(2, k, n, dtype=w8t.data.dtype, device=device),
                  torch.empty(2, *w8t.scale_inv.shape, device=device))
-    _, into_t = fp8.quantize_weight_with_transpose(w.to(device), pow2_scales=pow2, backend="triton", out=out,
-                                                   out_t=(stacked_t[0][1], stacked_t[1][1]))
+    into_t = fp8.quantize_weight_transposed(w.to(device), pow2_scales=pow2, backend="triton",
+                                            out=(stacked_t[0][1], stacked_t[1][1]))
     assert into_t.data.data_ptr() == stacked_t[0][1].data_ptr()
     assert_fp8_equal(_cpu_ref(into_t), exp.t(), "weight^T into buffers")
-    with pytest.raises(ValueError, match="out_t must be contiguous"):
-        fp8.quantize_weight_with_transpose(w.to(device), backend="triton", out_t=(stacked_t[0][0].t(),
-                                                                                 stacked_t[1][0]))
+    assert_fp8_equal(fp8.quantize_weight_transposed(w, pow2_scales=pow2, backend="reference"), exp.t(), "ref^T")
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        fp8.quantize_weight_transposed(w.to(device), backend="triton", out=(stacked_t[0][0].t(), stacked_t[1][0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

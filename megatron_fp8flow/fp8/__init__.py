@@ -13,6 +13,7 @@ from .api import (
     quantize,
     quantize_row_and_col,
     quantize_weight,
+    quantize_weight_transposed,
     quantize_weight_with_transpose,
     scaling_aware_transpose,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "quantize",
     "quantize_row_and_col",
     "quantize_weight",
+    "quantize_weight_transposed",
     "quantize_weight_with_transpose",
     "reference",
     "scaling_aware_transpose",

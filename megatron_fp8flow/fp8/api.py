@@ -172,28 +172,41 @@ def quantize_weight(
 
 
 @counted("weight_quantize")
-def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto",
-                                   out=None, out_t=None):
-    """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w`` (the transposed
-    codes are the same bytes: a 128x128 block keeps its scale under transposition).
-    ``out``/``out_t``: buffers for the two results, as in :func:`quantize_weight`."""
-    n, k = w.shape
-    _check_weight_out(out, (n, k), "out")
-    _check_weight_out(out_t, (k, n), "out_t")
+def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"):
+    """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w``."""
     if _use_triton(w.device, backend):
         from ..kernels.quantize_weight import quantize_weight as kernel
 
-        data, scale, data_t, scale_t = kernel(w, pow2_scales, with_transpose=True, out=out, out_t=out_t)
+        data, scale, data_t, scale_t = kernel(w, pow2_scales, with_transpose=True)
+        n, k = w.shape
         return (
             BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, (n, k), pow2_scales),
             BlockwiseFP8Tensor(data_t, scale_t, Layout.WEIGHT, (k, n), pow2_scales),
         )
-    q = quantize_weight(w, pow2_scales, backend, out=out)
-    qt = q.t()
-    if out_t is not None:
-        qt = BlockwiseFP8Tensor(out_t[0].copy_(qt.data), out_t[1].copy_(qt.scale_inv), Layout.WEIGHT, (k, n),
-                                pow2_scales)
-    return q, qt
+    q = quantize_weight(w, pow2_scales, backend)
+    return q, q.t()
+
+
+@counted("weight_quantize")
+def quantize_weight_transposed(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto",
+                               out=None) -> BlockwiseFP8Tensor:
+    """``quantize_weight(w).t()`` alone, in one pass over ``w`` that writes only the transposed
+    codes and scales (the same bytes: a 128x128 block keeps its scale under transposition): the
+    operand cuBLAS's dgrad takes. ``out=(data_t, scale_inv_t)``: buffers [K, N] and
+    [K/128, N/128] to write into, as in :func:`quantize_weight`."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight_transposed expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    _check_weight_out(out, (k, n), "out")
+    if _use_triton(w.device, backend):
+        from ..kernels.quantize_weight import quantize_weight as kernel
+
+        _, _, data_t, scale_t = kernel(w, pow2_scales, out_t=out, transpose_only=True)
+        return BlockwiseFP8Tensor(data_t, scale_t, Layout.WEIGHT, (k, n), pow2_scales)
+    qt = quantize_weight.__wrapped__(w, pow2_scales, backend).t()  # one counted cast, not two
+    if out is None:
+        return qt
+    return BlockwiseFP8Tensor(out[0].copy_(qt.data), out[1].copy_(qt.scale_inv), Layout.WEIGHT, (k, n), pow2_scales)
 
 
 def _check_weight_out(out, shape, name: str) -> None:

@@ -17,7 +17,7 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 @triton.jit
 def _quantize_weight_kernel(
     w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_wn, num_nb, num_kb,
-    WRITE_T: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
+    WRITE_ROWS: tl.constexpr, WRITE_T: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -32,8 +32,9 @@ def _quantize_weight_kernel(
     amax = tl.max(tl.max(tl.where(finite, tl.abs(w), 0.0), axis=1), axis=0)
     s = scale_inv_from_amax(amax, POW2)
     v = tl.where(finite, divide_by_scale(w, s, POW2), float("nan"))
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
-    tl.store(s_ptr + pid_n * num_kb + pid_k, s)
+    if WRITE_ROWS:
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
+        tl.store(s_ptr + pid_n * num_kb + pid_k, s)
     if WRITE_T:
         # Transpose the fp32 values, then encode (the cast is elementwise, so the codes are the
         # same): tl.trans of an 8-bit tile can corrupt it on Hopper (Triton 3.x).
@@ -43,12 +44,14 @@ def _quantize_weight_kernel(
 
 
 def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None,
-                    out_t=None):
+                    out_t=None, transpose_only: bool = False):
     """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None).
 
     ``out=(data, scale_inv)`` and ``out_t=(data_t, scale_inv_t)``: contiguous buffers to write
     into (e.g. one expert's slice of a stacked weight buffer) instead of fresh ones.
+    ``transpose_only``: write only the transposed copy (data and scale_inv are None).
     """
+    with_transpose = with_transpose or transpose_only
     if w.dim() != 2:
         raise ValueError(f"weight quantization expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -58,7 +61,9 @@ def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: b
     n, k = w.shape
     num_nb, num_kb = cdiv(n, BLOCK), cdiv(k, BLOCK)
     dev = w.device
-    if out is None:
+    if transpose_only:
+        data = scale = None
+    elif out is None:
         data = torch.empty(n, k, dtype=FP8_DTYPE, device=dev)
         scale = torch.empty(num_nb, num_kb, dtype=torch.float32, device=dev)
     else:
@@ -71,10 +76,11 @@ def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: b
         scale_t = torch.empty(num_kb, num_nb, dtype=torch.float32, device=dev)
     if n and k:
         emulate = needs_emulated_cast(dev)
+        rows_q, rows_s = (data, scale) if data is not None else (data_t, scale_t)  # unused when not written
+        t_q, t_s = (data_t, scale_t) if with_transpose else (data, scale)
         _quantize_weight_kernel[(num_nb, num_kb)](
-            w, fp8_view(data, emulate), scale,
-            fp8_view(data_t if with_transpose else data, emulate), scale_t if with_transpose else scale,
+            w, fp8_view(rows_q, emulate), rows_s, fp8_view(t_q, emulate), t_s,
             n, k, w.stride(0), num_nb, num_kb,
-            WRITE_T=with_transpose, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
+            WRITE_ROWS=not transpose_only, WRITE_T=with_transpose, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
         )
     return data, scale, data_t, scale_t

@@ -235,10 +235,8 @@ class _FP8Weights:
             return None
         data = torch.empty(len(sources), k, n, dtype=fp8.FP8_DTYPE, device=dev)
         scale = torch.empty(len(sources), *scale_shape[::-1], dtype=torch.float32, device=dev)
-        # The row-major output of the fused kernel, unused: one expert's worth, written over.
-        scratch = (torch.empty(n, k, dtype=fp8.FP8_DTYPE, device=dev), torch.empty(scale_shape, device=dev))
         with torch.no_grad():
-            return [fp8.quantize_weight_with_transpose(w.detach(), pow2, out=scratch, out_t=(data[i], scale[i]))[1]
+            return [fp8.quantize_weight_transposed(w.detach(), pow2, out=(data[i], scale[i]))
                     for i, w in enumerate(sources)]
 
     def _copy_transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
