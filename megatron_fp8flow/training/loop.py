@@ -95,10 +95,11 @@ def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
             offset += g.numel()
     if not clip:
         return
-    def sum_sq(grads):  # one norm kernel per tensor, no full-size temporaries
-        return torch.stack([g.norm() for g in grads]).square().sum() if grads else torch.zeros((), device=dev)
-
     dev = master[0].device
+
+    def sum_sq(grads):  # one multi-tensor norm launch, no full-size temporaries
+        return torch.stack(torch._foreach_norm(grads)).square().sum() if grads else torch.zeros((), device=dev)
+
     expert_sq = sum_sq([m.grad for m, p in zip(master, params) if _is_expert(p)])
     if world > 1:
         dist.all_reduce(expert_sq)
@@ -212,12 +213,12 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                 p.copy_(m)
         if world > 1:
             dist.all_reduce(step_loss)
-        window.append(float(step_loss))
+        window.append(step_loss)  # read at the next log, not every step (no host sync per step)
         if (step + 1) % log_every == 0 or step + 1 == total:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
-            rec = StepLog(step + 1, sum(window) / len(window), lr, tokens / elapsed, _peak_memory_gb())
+            rec = StepLog(step + 1, float(torch.stack(window).mean()), lr, tokens / elapsed, _peak_memory_gb())
             if eval_every and ((step + 1) % eval_every == 0 or step + 1 == total):
                 rec.val_loss = _validation_loss(model, data, eval_iters, pos, mask, rank, world)
             history.append(asdict(rec))
