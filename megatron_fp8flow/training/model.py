@@ -12,8 +12,6 @@ import torch.nn.functional as F
 
 # Megatron-LM arguments whose TransformerConfig field has another name.
 _RENAMED = {"norm_epsilon": "layernorm_epsilon", "num_experts": "num_moe_experts"}
-_MODEL_ONLY = {"vocab_size", "seq_length", "max_position_embeddings", "position_embedding_type", "rotary_base",
-               "rotary_percent", "untie_embeddings_and_output_weights"}
 
 
 def layer_freq(value):
