@@ -3,10 +3,13 @@
 # the 2000-step convergence run (bf16 on GPU 0 and fp8flow on GPU 1 at the same time).
 # megatron-core is installed from wheels in .whl/ when it is not importable.
 # Usage: scripts/gpu_training.sh OUTPUT_DIR [STEP ...]
-#   STEP: proxy1 | proxy2 | converge | converge-bf16 | converge-fp8flow | megatron1 | megatron2
+#   STEP: proxy1 | proxy2 | converge | converge-bf16 | converge-fp8flow | converge-early |
+#         converge-early-blockwise | megatron1 | megatron2
 #   (default: proxy1 proxy2). converge needs two GPUs; converge-bf16 and converge-fp8flow run one
-#   precision each on one GPU (merge them with fp8flow compare). megatron1/megatron2: the
-#   one-GPU proxy (16 experts) and the EP2 proxy through Megatron's pretrain(), a few iterations.
+#   precision each on one GPU (merge them with fp8flow compare). converge-early: the first 900
+#   of the 2000 steps (same schedule, Megatron's exit_interval), bf16 then fp8flow on one GPU;
+#   converge-early-blockwise the same for blockwise. megatron1/megatron2: the one-GPU proxy
+#   (16 experts) and the EP2 proxy through Megatron's pretrain(), a few iterations.
 source "$(dirname "$0")/gpu_common.sh"
 cli="python3 -m megatron_fp8flow.cli"
 # Proxy tables: short runs (tokens/s from the logged intervals after the first; peak memory).
@@ -43,6 +46,18 @@ converge_one() {
   return $rc
 }
 step_converge_bf16() { converge_one bf16; }
+converge_part() {  # PRECISION: the first 900 steps of the 2000-step run
+  timeout 260 $cli train proxies/deepseek_v3_proxy_1gpu_convergence --compare "$1" --set exit_interval=900 \
+    --out "$out/early_$1" > "$out/early_$1.log" 2>&1
+  local rc=$?
+  grep "step .*/2000" "$out/early_$1.log" | awk 'NR % 15 == 0' | cut -c1-120
+  return $rc
+}
+step_converge_early() {
+  converge_part bf16 && converge_part fp8flow || return $?
+  $cli compare "$out/early_bf16" "$out/early_fp8flow" --out "$out/early" 2>&1 | quiet | tail -8
+}
+step_converge_early_blockwise() { converge_part blockwise; }
 step_converge_fp8flow() { converge_one fp8flow; }
 # Through pretrain(): iteration times and losses in Megatron's own log lines.
 megatron_proxy() {

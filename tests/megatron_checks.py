@@ -130,8 +130,10 @@ def moe_layer_benchmark_smoke(rank, world, port, queue):
 
 
 def compact_loop_smoke(rank, world, port, queue):
-    """Two steps of the compact training loop on the tiny CPU recipe (shortened); with two ranks,
-    EP = 2. Also returns the replicated (non-expert) parameters, which must stay equal on all ranks."""
+    """Two steps of the compact training loop on the tiny CPU recipe (shortened): a 5-step run
+    that exit_interval ends after step 2; with two ranks, EP = 2. Also returns the replicated
+    (non-expert) parameters, which must stay equal on all ranks, and the learning rate the
+    5-step schedule gives step 2."""
     import hashlib
     import os
 
@@ -141,14 +143,16 @@ def compact_loop_smoke(rank, world, port, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
     recipe = load_recipe("proxies/tiny_cpu", {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2,
                                               "global_batch_size": 4, "log_interval": 1, "eval_interval": 2,
-                                              "eval_iters": 1, "expert_model_parallel_size": world})
+                                              "eval_iters": 1, "expert_model_parallel_size": world,
+                                              "exit_interval": 2, "lr_warmup_iters": 0})
     kept = {}
-    history = loop.train(recipe, steps=2, keep_model=kept)
+    history = loop.train(recipe, steps=5, keep_model=kept)
     model = kept["model"]
     shared = {n: hashlib.sha256(p.detach().float().numpy().tobytes()).hexdigest()  # exact: bf16 -> fp32
               for n, p in model.named_parameters() if not loop._is_expert(p)}
     experts = sum(1 for p in model.parameters() if loop._is_expert(p))
-    queue.put((rank, {"history": history, "shared": shared, "expert_params": experts}))
+    queue.put((rank, {"history": history, "shared": shared, "expert_params": experts,
+                      "lr_step2": {n: loop._lr(recipe.args, 1, n) for n in (2, 5)}}))
 
 
 def compact_loop_on_indexed_data(rank, world, port, queue):

@@ -141,8 +141,12 @@ def test_compact_loop_trains_two_steps(world):
         pytest.skip(f"EP={world} needs {world} GPUs on a CUDA machine")
     ranks = sm.spawn(checks.compact_loop_smoke, world)
     history = ranks[0]["history"]
-    assert [h["step"] for h in history] == [1, 2]
+    assert [h["step"] for h in history] == [1, 2]  # exit_interval 2 ends the 5-step run
+    lr_step2 = ranks[0]["lr_step2"]
+    assert history[1]["lr"] == lr_step2[5] != lr_step2[2]  # on the 5-step schedule, not a 2-step one
     assert all(math.isfinite(h["loss"]) and 3.0 < h["loss"] < 8.0 for h in history)  # ~ln(256) = 5.5 at the start
+    assert all(math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in history)
+    assert all(h["grad_norm"] == history[0]["grad_norm"] for h in (r["history"][0] for r in ranks))
     assert all(h["tokens_per_s"] > 0 for h in history)
     losses = [[(h["loss"], h["val_loss"]) for h in r["history"]] for r in ranks]
     assert all(lo == losses[0] for lo in losses)  # the logged losses are means over all ranks
@@ -242,7 +246,7 @@ def test_clipping_uses_the_global_norm():
     params[1].allreduce = False  # an expert parameter: counted in the norm like the others at EP = 1
     master = [p.detach().clone() for p in params]
     master[0].grad, master[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)  # norm 13
-    _sync_and_clip(params, master, clip=1.3, world=1)
+    assert float(_sync_and_clip(params, master, clip=1.3, world=1)) == pytest.approx(13.0)  # before clipping
     assert torch.allclose(master[0].grad, torch.tensor([0.3, 0.0, 0.4]), atol=1e-6)
     assert torch.allclose(master[1].grad, torch.full((2, 2), 0.6), atol=1e-6)
     before = [m.grad.clone() for m in master]

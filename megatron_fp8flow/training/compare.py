@@ -55,7 +55,8 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
 
         def progress(rec: StepLog, p=precision, total=total):
             val = f"  val {rec.val_loss:.4f}" if rec.val_loss is not None else ""
-            echo(f"[{p}] step {rec.step}/{total}  loss {rec.loss:.4f}{val}  lr {rec.lr:.2e}  "
+            norm = f"  grad norm {rec.grad_norm:.3f}" if rec.grad_norm is not None else ""
+            echo(f"[{p}] step {rec.step}/{total}  loss {rec.loss:.4f}{val}{norm}  lr {rec.lr:.2e}  "
                  f"{rec.tokens_per_s:,.0f} tokens/s  peak {rec.peak_mem_gb:.2f} GB")
 
         history = train(recipe, steps=steps, on_log=progress)

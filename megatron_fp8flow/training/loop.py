@@ -40,6 +40,7 @@ class StepLog:
     tokens_per_s: float
     peak_mem_gb: float
     val_loss: Optional[float] = None  # mean LM loss on fixed held-out text (every eval_interval steps)
+    grad_norm: Optional[float] = None  # global gradient norm before clipping, mean over the interval
 
 
 def _settings(recipe: Recipe) -> Optional[FP8FlowSettings]:
@@ -82,9 +83,10 @@ def _is_expert(param) -> bool:
     return not getattr(param, "allreduce", True)  # Megatron sets allreduce=False on expert-parallel ones
 
 
-def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
+def _sync_and_clip(params, master, clip: Optional[float], world: int) -> torch.Tensor:
     """Sum the non-expert gradients over ranks, then clip by the global norm (the replicated
-    parameters counted once, every rank's experts counted)."""
+    parameters counted once, every rank's experts counted). Returns that norm, before clipping,
+    as a device tensor (read at the next log)."""
     if world > 1:
         shared = [m.grad for m, p in zip(master, params) if not _is_expert(p)]
         flat = torch.cat([g.reshape(-1) for g in shared])
@@ -93,8 +95,6 @@ def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
         for g in shared:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-    if not clip:
-        return
     dev = master[0].device
 
     def sum_sq(grads):  # one multi-tensor norm launch, no full-size temporaries
@@ -104,7 +104,9 @@ def _sync_and_clip(params, master, clip: Optional[float], world: int) -> None:
     if world > 1:
         dist.all_reduce(expert_sq)
     norm = (sum_sq([m.grad for m, p in zip(master, params) if not _is_expert(p)]) + expert_sq).sqrt()
-    torch._foreach_mul_([m.grad for m in master], (clip / (norm + 1e-6)).clamp(max=1.0))
+    if clip:
+        torch._foreach_mul_([m.grad for m in master], (clip / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def _validation_loss(model, data: ByteBatches, iters: int, pos, mask, rank: int, world: int) -> float:
@@ -181,15 +183,18 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                          f"{micro} x {world}")
     accumulate = glob // (micro * world)
     total = steps or args.get("train_iters", 100)
+    # Megatron's exit_interval: stop after a step that is a multiple of it, on the full run's
+    # learning-rate schedule (the first part of a longer run).
+    stop = min(total, args["exit_interval"]) if args.get("exit_interval") else total
     data = _batches(args, micro, seed + 1000 * rank)
     seq = args["seq_length"]
     dev = next(model.parameters()).device
     pos = torch.arange(seq, device=dev).expand(micro, -1)
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=dev), 1)[None, None]
-    history, window, t0, tokens = [], [], time.perf_counter(), 0
+    history, window, norms, t0, tokens = [], [], [], time.perf_counter(), 0
     log_every = args.get("log_interval", 10)
     eval_every, eval_iters = args.get("eval_interval"), args.get("eval_iters", 4)
-    for step in range(total):
+    for step in range(stop):
         lr = _lr(args, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -206,7 +211,7 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
             _update_router_expert_bias([model], model.config)
         for m, p in zip(master, params):
             m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
-        _sync_and_clip(params, master, args.get("clip_grad"), world)
+        norms.append(_sync_and_clip(params, master, args.get("clip_grad"), world))
         opt.step()
         with torch.no_grad():
             for m, p in zip(master, params):
@@ -214,17 +219,18 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
         if world > 1:
             dist.all_reduce(step_loss)
         window.append(step_loss)  # read at the next log, not every step (no host sync per step)
-        if (step + 1) % log_every == 0 or step + 1 == total:
+        if (step + 1) % log_every == 0 or step + 1 == stop:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
-            rec = StepLog(step + 1, float(torch.stack(window).mean()), lr, tokens / elapsed, _peak_memory_gb())
-            if eval_every and ((step + 1) % eval_every == 0 or step + 1 == total):
+            rec = StepLog(step + 1, float(torch.stack(window).mean()), lr, tokens / elapsed, _peak_memory_gb(),
+                          grad_norm=float(torch.stack(norms).mean()))
+            if eval_every and ((step + 1) % eval_every == 0 or step + 1 == stop):
                 rec.val_loss = _validation_loss(model, data, eval_iters, pos, mask, rank, world)
             history.append(asdict(rec))
             if on_log:
                 on_log(rec)
-            window, t0, tokens = [], time.perf_counter(), 0
+            window, norms, t0, tokens = [], [], time.perf_counter(), 0
     if keep_model is not None:
         keep_model["model"] = model
     return history
