@@ -8,7 +8,9 @@
 #   (default: proxy1 proxy2). converge needs two GPUs; converge-bf16 and converge-fp8flow run one
 #   precision each on one GPU (merge them with fp8flow compare). converge-early: the first 900
 #   of the 2000 steps (same schedule, Megatron's exit_interval), bf16 then fp8flow on one GPU;
-#   converge-early-blockwise the same for blockwise. megatron1/megatron2: the one-GPU proxy
+#   converge-early-blockwise the same for blockwise. stdlib-bf16 / stdlib-fp8flow: the 2000-step
+#   run on the python-stdlib text (11.8 M byte tokens, written by fp8flow data), one precision
+#   each (merge them with fp8flow compare). megatron1/megatron2: the one-GPU proxy
 #   (16 experts) and the EP2 proxy through Megatron's pretrain(), a few iterations.
 source "$(dirname "$0")/gpu_common.sh"
 cli="python3 -m megatron_fp8flow.cli"
@@ -58,6 +60,17 @@ step_converge_early() {
   $cli compare "$out/early_bf16" "$out/early_fp8flow" --out "$out/early" 2>&1 | quiet | tail -8
 }
 step_converge_early_blockwise() { converge_part blockwise; }
+stdlib_one() {
+  local data=/tmp/fp8flow_data/stdlib
+  [ -f "$data.idx" ] || $cli data "$data" --corpus python-stdlib 2>&1 | quiet | tail -1
+  timeout 540 $cli train proxies/deepseek_v3_proxy_1gpu_convergence --compare "$1" --set data_path="$data" \
+    --out "$out/stdlib_$1" > "$out/stdlib_$1.log" 2>&1
+  local rc=$?
+  grep "step .*/2000" "$out/stdlib_$1.log" | awk 'NR % 25 == 0' | cut -c1-120
+  return $rc
+}
+step_stdlib_bf16() { stdlib_one bf16; }
+step_stdlib_fp8flow() { stdlib_one fp8flow; }
 step_converge_fp8flow() { converge_one fp8flow; }
 # Through pretrain(): iteration times and losses in Megatron's own log lines.
 megatron_proxy() {

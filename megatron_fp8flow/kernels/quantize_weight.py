@@ -16,7 +16,7 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 
 @triton.jit
 def _quantize_weight_kernel(
-    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_wn, num_nb, num_kb,
+    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_wn, stride_wk, num_nb, num_kb,
     WRITE_ROWS: tl.constexpr, WRITE_T: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -26,7 +26,8 @@ def _quantize_weight_kernel(
     row_ok = rows < N
     col_ok = cols < K
     mask = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols.to(tl.int64)[None, :] * stride_wk,
+                mask=mask, other=0.0)
     w = w.to(tl.float32)
     finite = is_finite(w)
     amax = tl.max(tl.max(tl.where(finite, tl.abs(w), 0.0), axis=1), axis=0)
@@ -44,20 +45,23 @@ def _quantize_weight_kernel(
 
 
 def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None,
-                    out_t=None, transpose_only: bool = False):
+                    out_t=None, transpose_only: bool = False, transposed_by: str = "kernel"):
     """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None).
 
     ``out=(data, scale_inv)`` and ``out_t=(data_t, scale_inv_t)``: contiguous buffers to write
     into (e.g. one expert's slice of a stacked weight buffer) instead of fresh ones.
     ``transpose_only``: write only the transposed copy (data and scale_inv are None).
+    ``transposed_by`` (with ``transpose_only``): ``"kernel"`` transposes the tile in registers,
+    ``"strided_load"`` quantizes the transposed view ``w.t()`` row-wise (any input strides).
     """
     with_transpose = with_transpose or transpose_only
     if w.dim() != 2:
         raise ValueError(f"weight quantization expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"weight quantization expects bf16, fp16 or fp32 input, got {w.dtype}")
-    if w.stride(1) != 1:
-        w = w.contiguous()
+    if transpose_only and transposed_by == "strided_load":
+        data_t, scale_t, _, _ = quantize_weight(w.t(), pow2_scales, out=out_t)
+        return None, None, data_t, scale_t
     n, k = w.shape
     num_nb, num_kb = cdiv(n, BLOCK), cdiv(k, BLOCK)
     dev = w.device
@@ -80,7 +84,7 @@ def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: b
         t_q, t_s = (data_t, scale_t) if with_transpose else (data, scale)
         _quantize_weight_kernel[(num_nb, num_kb)](
             w, fp8_view(rows_q, emulate), rows_s, fp8_view(t_q, emulate), t_s,
-            n, k, w.stride(0), num_nb, num_kb,
+            n, k, w.stride(0), w.stride(1), num_nb, num_kb,
             WRITE_ROWS=not transpose_only, WRITE_T=with_transpose, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
         )
     return data, scale, data_t, scale_t
