@@ -205,6 +205,10 @@ def test_weight_quantize_and_transpose(device, cast_path, shape, pow2, dtype):
     assert_fp8_equal(fp8.quantize_weight_transposed(w, pow2_scales=pow2, backend="reference"), exp.t(), "ref^T")
     with pytest.raises(ValueError, match="out must be contiguous"):
         fp8.quantize_weight_transposed(w.to(device), backend="triton", out=(stacked_t[0][0].t(), stacked_t[1][0]))
+    # A strided input (the transposed view) is read in place: the codes of its contiguous copy.
+    got_view = fp8.quantize_weight(w.to(device).t(), pow2_scales=pow2, backend="triton")
+    assert_fp8_equal(_cpu_ref(got_view), fp8.quantize_weight(w.t().contiguous(), pow2_scales=pow2, backend="reference"),
+                     "weight of a strided view")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -1,7 +1,12 @@
-"""128x128 weight quantization, optionally writing the transposed copy (for dgrad) in the same pass.
+"""128x128 weight quantization into the row-major layout or straight into the transposed one
+(the operand cuBLAS's dgrad takes).
 
 Reference: ``fp8.reference.quantize_weight``. 128x128 blocks are symmetric under
 transposition, so the transposed copy holds the same codes and the transposed scales.
+
+One layout per launch. A single pass that wrote both layouts gave wrong bytes for fp32 weights
+on the H200 (Triton 3.6; bf16 weights were right), while each layout written alone is right for
+both dtypes, so both layouts take two passes (one more read of the weight).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 
 @triton.jit
 def _quantize_weight_kernel(
-    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_wn, stride_wk, num_nb, num_kb,
-    WRITE_ROWS: tl.constexpr, WRITE_T: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
+    w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk, num_nb, num_kb,
+    TRANSPOSED: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -33,58 +38,50 @@ def _quantize_weight_kernel(
     amax = tl.max(tl.max(tl.where(finite, tl.abs(w), 0.0), axis=1), axis=0)
     s = scale_inv_from_amax(amax, POW2)
     v = tl.where(finite, divide_by_scale(w, s, POW2), float("nan"))
-    if WRITE_ROWS:
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
-        tl.store(s_ptr + pid_n * num_kb + pid_k, s)
-    if WRITE_T:
+    if TRANSPOSED:
         # Transpose the fp32 values, then encode (the cast is elementwise, so the codes are the
         # same): tl.trans of an 8-bit tile can corrupt it on Hopper (Triton 3.x).
-        tl.store(qt_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :], encode_e4m3(tl.trans(v), EMULATE),
+        tl.store(q_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :], encode_e4m3(tl.trans(v), EMULATE),
                  mask=col_ok[:, None] & row_ok[None, :])
-        tl.store(st_ptr + pid_k * num_nb + pid_n, s)
+        tl.store(s_ptr + pid_k * num_nb + pid_n, s)
+    else:
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
+        tl.store(s_ptr + pid_n * num_kb + pid_k, s)
+
+
+def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool, transposed: bool) -> None:
+    n, k = w.shape
+    if n and k:
+        emulate = needs_emulated_cast(w.device)
+        _quantize_weight_kernel[(cdiv(n, BLOCK), cdiv(k, BLOCK))](
+            w, fp8_view(data, emulate), scale, n, k, w.stride(0), w.stride(1), cdiv(n, BLOCK), cdiv(k, BLOCK),
+            TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
+        )
 
 
 def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None,
-                    out_t=None, transpose_only: bool = False, transposed_by: str = "kernel"):
+                    out_t=None, transpose_only: bool = False):
     """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None).
 
-    ``out=(data, scale_inv)`` and ``out_t=(data_t, scale_inv_t)``: contiguous buffers to write
-    into (e.g. one expert's slice of a stacked weight buffer) instead of fresh ones.
-    ``transpose_only``: write only the transposed copy (data and scale_inv are None).
-    ``transposed_by`` (with ``transpose_only``): ``"kernel"`` transposes the tile in registers,
-    ``"strided_load"`` quantizes the transposed view ``w.t()`` row-wise (any input strides).
+    ``w``: bf16, fp16 or fp32, any strides. ``out=(data, scale_inv)`` and
+    ``out_t=(data_t, scale_inv_t)``: contiguous buffers to write into (e.g. one expert's slice of
+    a stacked weight buffer) instead of fresh ones. ``transpose_only``: write only the transposed
+    copy (data and scale_inv are None).
     """
-    with_transpose = with_transpose or transpose_only
     if w.dim() != 2:
         raise ValueError(f"weight quantization expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"weight quantization expects bf16, fp16 or fp32 input, got {w.dtype}")
-    if transpose_only and transposed_by == "strided_load":
-        data_t, scale_t, _, _ = quantize_weight(w.t(), pow2_scales, out=out_t)
-        return None, None, data_t, scale_t
     n, k = w.shape
     num_nb, num_kb = cdiv(n, BLOCK), cdiv(k, BLOCK)
     dev = w.device
-    if transpose_only:
-        data = scale = None
-    elif out is None:
-        data = torch.empty(n, k, dtype=FP8_DTYPE, device=dev)
-        scale = torch.empty(num_nb, num_kb, dtype=torch.float32, device=dev)
-    else:
-        data, scale = out  # checked by fp8.quantize_weight
-    data_t = scale_t = None
-    if with_transpose and out_t is not None:
-        data_t, scale_t = out_t  # checked by fp8.quantize_weight_with_transpose
-    elif with_transpose:
-        data_t = torch.empty(k, n, dtype=FP8_DTYPE, device=dev)
-        scale_t = torch.empty(num_kb, num_nb, dtype=torch.float32, device=dev)
-    if n and k:
-        emulate = needs_emulated_cast(dev)
-        rows_q, rows_s = (data, scale) if data is not None else (data_t, scale_t)  # unused when not written
-        t_q, t_s = (data_t, scale_t) if with_transpose else (data, scale)
-        _quantize_weight_kernel[(num_nb, num_kb)](
-            w, fp8_view(rows_q, emulate), rows_s, fp8_view(t_q, emulate), t_s,
-            n, k, w.stride(0), w.stride(1), num_nb, num_kb,
-            WRITE_ROWS=not transpose_only, WRITE_T=with_transpose, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
-        )
+    data = scale = data_t = scale_t = None
+    if not transpose_only:
+        data, scale = out if out is not None else (torch.empty(n, k, dtype=FP8_DTYPE, device=dev),
+                                                   torch.empty(num_nb, num_kb, dtype=torch.float32, device=dev))
+        _launch(w, data, scale, pow2_scales, transposed=False)
+    if with_transpose or transpose_only:
+        data_t, scale_t = out_t if out_t is not None else (
+            torch.empty(k, n, dtype=FP8_DTYPE, device=dev), torch.empty(num_kb, num_nb, dtype=torch.float32, device=dev))
+        _launch(w, data_t, scale_t, pow2_scales, transposed=True)
     return data, scale, data_t, scale_t
