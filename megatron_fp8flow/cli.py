@@ -133,13 +133,15 @@ def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, 
 
     from .pretrain_gpt import launch_command
     from .recipes import load_recipe
+    from .training.checkpoint import per_precision_dirs
     from .training.compare import PRECISION_MODES
 
     if steps is not None:
         overrides = {**overrides, "train_iters": steps}
     for precision in precisions:
         mode = {"fp8flow": {}}.get(precision, {"fp8flow.mode": PRECISION_MODES.get(precision, precision)})
-        recipe = load_recipe(recipe_name, {**overrides, "fp8flow.enabled": True, **mode})
+        recipe = per_precision_dirs(load_recipe(recipe_name, {**overrides, "fp8flow.enabled": True, **mode}),
+                                    precision)
         cmd = launch_command(recipe, nproc)
         print("+ " + " ".join(cmd), flush=True)
         if not dry_run:

@@ -198,3 +198,37 @@ def model_specs(rank, world, port, queue):
         "attention": [layer.submodules.self_attention.submodules.core_attention.__name__
                       for layer in block.layer_specs],
     }))
+
+
+def compact_loop_resume(rank, world, port, queue):
+    """The tiny recipe for 3 steps in one go, and again as 2 steps (exit_interval) that save,
+    then 1 more that loads and goes on: the same losses, gradient norms and final weights."""
+    import os
+    import tempfile
+
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training import checkpoint, loop
+
+    # The plain-PyTorch forms of the kernels (tested against them elsewhere): this checks the
+    # loop's state, and interpreting the kernels for four runs would take minutes.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port), TRITON_INTERPRET="0")
+    base = {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2, "global_batch_size": 4,
+            "log_interval": 1, "eval_interval": 2, "eval_iters": 1, "lr_warmup_iters": 1, "train_iters": 3}
+    whole_kept, kept = {}, {}
+    whole = loop.train(load_recipe("proxies/tiny_cpu", base), keep_model=whole_kept)
+    with tempfile.TemporaryDirectory() as d:
+        parts = load_recipe("proxies/tiny_cpu", {**base, "save": d, "load": d, "exit_interval": 2})
+        first = loop.train(parts)
+        saved = sorted(os.listdir(d))
+        resumed = loop.train(parts, keep_model=kept)
+        latest = checkpoint.latest_step(d)
+        try:  # a checkpoint of another model is refused before anything is loaded, naming what differs
+            checkpoint.load(d, rank, world, {**parts.args, "hidden_size": 256}, "flow", None, None, None, None)
+            refused = None
+        except ValueError as err:
+            refused = str(err)
+    tensors = [(a, b) for a, b in zip(whole_kept["model"].state_dict().values(), kept["model"].state_dict().values())
+               if isinstance(a, torch.Tensor)]
+    same_weights = len(tensors) > 10 and all(a.equal(b) for a, b in tensors)
+    queue.put((rank, {"whole": whole, "first": first, "resumed": resumed, "saved": saved, "latest": latest,
+                      "same_weights": same_weights, "refused": refused}))

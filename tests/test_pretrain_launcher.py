@@ -55,7 +55,7 @@ def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
 
     assert main(["train", "proxies/deepseek_v3_proxy_2gpu", "--megatron", "--nproc", "2", "--compare",
                  "bf16,fp8flow", "--steps", "5", "--set", "lr_warmup_iters=1", "--set", "moe_layer_freq=[0, 1, 1]",
-                 "--dry-run"]) == 0
+                 "--set", "save=ck", "--set", "load=ck", "--dry-run"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("+ ")]
     assert len(lines) == 2
     for line, mode in zip(lines, ("bf16", "flow")):
@@ -65,6 +65,8 @@ def test_train_megatron_dry_run_builds_one_launch_per_precision(capsys):
         assert argv[argv.index("--train-iters") + 1] == "5" and argv[argv.index("--expert-model-parallel-size") + 1] == "2"
         assert "--mock-data" in argv and argv[argv.index("--tokenizer-type") + 1] == "NullTokenizer"
         assert argv[argv.index("--moe-layer-freq") + 1] == "[0,1,1]"  # one list literal, as Megatron parses it
+        precision = {"flow": "fp8flow"}.get(mode, mode)  # one checkpoint directory per precision
+        assert argv[argv.index("--save") + 1] == argv[argv.index("--load") + 1] == f"ck/{precision}"
         if not compat.have_transformer_engine():  # this machine: Megatron's local layers, no TE fusions
             assert argv[argv.index("--transformer-impl") + 1] == "local" and "--no-rope-fusion" in argv
             assert "--no-gradient-accumulation-fusion" in argv

@@ -159,6 +159,18 @@ def test_compact_loop_trains_two_steps(world):
         assert ranks[0]["expert_params"] > 0
 
 
+def test_compact_loop_resumes_from_a_checkpoint():
+    """save / exit_interval / load split a run into jobs without changing it: the resumed run's
+    losses, gradient norms and final weights are bit for bit those of the run made in one go."""
+    (res,) = sm.spawn(checks.compact_loop_resume, 1)
+    strip = [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in res["whole"]]
+    assert [h["step"] for h in res["first"]] == [1, 2] and [h["step"] for h in res["resumed"]] == [1, 2, 3]
+    assert [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in res["resumed"]] == strip
+    assert res["same_weights"]
+    assert res["saved"] == ["iter_0000002", "latest_iteration.txt"] and res["latest"] == 3
+    assert res["refused"] and "belongs to another run" in res["refused"] and "hidden_size" in res["refused"]
+
+
 def test_train_command_compares_precisions(tmp_path):
     """`fp8flow train --compare` end to end in a fresh process (the CPU shims stay out of this
     one), on the plain-PyTorch CPU paths: progress lines, the table, the JSON and the plot."""

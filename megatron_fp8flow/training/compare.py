@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..recipes import load_recipe
+from .checkpoint import per_precision_dirs
 from .loop import StepLog, train
 
 PRECISION_MODES = {"bf16": "bf16", "blockwise": "blockwise", "fp8flow": "flow", "flow": "flow"}
@@ -49,8 +50,8 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
     for precision in precisions:
         if precision not in PRECISION_MODES:
             raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(PRECISION_MODES)}")
-        recipe = load_recipe(recipe_name, {**(overrides or {}), "fp8flow.enabled": True,
-                                           "fp8flow.mode": PRECISION_MODES[precision]})
+        recipe = per_precision_dirs(load_recipe(recipe_name, {**(overrides or {}), "fp8flow.enabled": True,
+                                                              "fp8flow.mode": PRECISION_MODES[precision]}), precision)
         total = steps or recipe.args.get("train_iters", 100)
 
         def progress(rec: StepLog, p=precision, total=total):

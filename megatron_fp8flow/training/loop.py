@@ -6,7 +6,9 @@ loop runs where ``megatron.training`` is missing (the 0.16 wheel, CI, the CPU de
 the side-by-side precision comparisons use. It keeps what matters for comparing precisions:
 fp32 master weights with AdamW, gradient accumulation to the global batch, warm-up + cosine
 learning rate, gradient clipping, the router's expert-bias update once per step, and the MTP
-and auxiliary losses Megatron adds in the backward.
+and auxiliary losses Megatron adds in the backward. With Megatron's ``save`` /
+``save_interval`` / ``load`` and ``exit_interval`` a long run goes on over several jobs
+(:mod:`.checkpoint`).
 
 Under ``torchrun`` with N processes it runs expert parallelism EP = N (no other model
 parallelism): every rank reads its own batches, the experts are split across ranks, and the
@@ -28,6 +30,7 @@ import torch.distributed as dist
 
 from ..megatron.settings import FP8FlowSettings
 from ..recipes import Recipe
+from . import checkpoint
 from .model import build_model
 from .text import ByteBatches, read_indexed_datasets, split_fractions
 
@@ -183,18 +186,24 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                          f"{micro} x {world}")
     accumulate = glob // (micro * world)
     total = steps or args.get("train_iters", 100)
-    # Megatron's exit_interval: stop after a step that is a multiple of it, on the full run's
-    # learning-rate schedule (the first part of a longer run).
-    stop = min(total, args["exit_interval"]) if args.get("exit_interval") else total
     data = _batches(args, micro, seed + 1000 * rank)
+    mode = getattr(_settings(recipe), "mode", None)
+    start, history = 0, []
+    if args.get("load"):
+        start, history = checkpoint.load(args["load"], rank, world, args, mode, model, master, opt, data)
+    # Megatron's exit_interval: stop after the next step that is a multiple of it, on the full
+    # run's learning-rate schedule (one part of a longer run; resume it with load).
+    exit_every = args.get("exit_interval")
+    stop = min(total, (start // exit_every + 1) * exit_every) if exit_every else total
+    save_dir, save_every = args.get("save"), args.get("save_interval")
     seq = args["seq_length"]
     dev = next(model.parameters()).device
     pos = torch.arange(seq, device=dev).expand(micro, -1)
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=dev), 1)[None, None]
-    history, window, norms, t0, tokens = [], [], [], time.perf_counter(), 0
+    window, norms, t0, tokens = [], [], time.perf_counter(), 0
     log_every = args.get("log_interval", 10)
     eval_every, eval_iters = args.get("eval_interval"), args.get("eval_iters", 4)
-    for step in range(stop):
+    for step in range(start, stop):
         lr = _lr(args, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -231,6 +240,8 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
             if on_log:
                 on_log(rec)
             window, norms, t0, tokens = [], [], time.perf_counter(), 0
+        if save_dir and ((save_every and (step + 1) % save_every == 0) or step + 1 == stop):
+            checkpoint.save(save_dir, step + 1, rank, world, args, mode, model, master, opt, data, history)
     if keep_model is not None:
         keep_model["model"] = model
     return history
