@@ -173,7 +173,8 @@ def quantize_weight(
 
 @counted("weight_quantize")
 def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"):
-    """``(quantize_weight(w), quantize_weight(w).t())`` in one pass over ``w``."""
+    """``(quantize_weight(w), quantize_weight(w).t())``: two passes over ``w``, one per layout
+    (each stored straight in its layout; see :mod:`megatron_fp8flow.kernels.quantize_weight`)."""
     if _use_triton(w.device, backend):
         from ..kernels.quantize_weight import quantize_weight as kernel
 
