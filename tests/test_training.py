@@ -3,6 +3,7 @@ byte-level corpus, and two real training steps of the tiny recipe (in a separate
 CPU shims patch torch.cuda)."""
 
 import math
+import os
 
 import pytest
 
@@ -169,6 +170,15 @@ def test_compact_loop_resumes_from_a_checkpoint():
     assert res["same_weights"]
     assert res["saved"] == ["iter_0000002", "latest_iteration.txt"] and res["latest"] == 3
     assert res["refused"] and "belongs to another run" in res["refused"] and "hidden_size" in res["refused"]
+
+
+def test_checkpoint_directories_per_precision():
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training.checkpoint import per_precision_dirs
+
+    got = {p: per_precision_dirs(load_recipe("proxies/tiny_cpu", {"save": "ck"}), p).args for p in ("bf16", "fp8flow")}
+    assert got["bf16"]["save"] == os.path.join("ck", "bf16") and got["fp8flow"]["save"] == os.path.join("ck", "fp8flow")
+    assert not got["bf16"].get("load")  # only the directories a recipe names
 
 
 def test_train_command_compares_precisions(tmp_path):
