@@ -227,8 +227,13 @@ def compact_loop_resume(rank, world, port, queue):
             refused = None
         except ValueError as err:
             refused = str(err)
+        try:  # so is a resume on a schedule of another length (--steps)
+            loop.train(parts, steps=5)
+            refused_steps = None
+        except ValueError as err:
+            refused_steps = str(err)
     tensors = [(a, b) for a, b in zip(whole_kept["model"].state_dict().values(), kept["model"].state_dict().values())
                if isinstance(a, torch.Tensor)]
     same_weights = len(tensors) > 10 and all(a.equal(b) for a, b in tensors)
     queue.put((rank, {"whole": whole, "first": first, "resumed": resumed, "saved": saved, "latest": latest,
-                      "same_weights": same_weights, "refused": refused}))
+                      "same_weights": same_weights, "refused": refused, "refused_steps": refused_steps}))

@@ -170,6 +170,7 @@ def test_compact_loop_resumes_from_a_checkpoint():
     assert res["same_weights"]
     assert res["saved"] == ["iter_0000002", "latest_iteration.txt"] and res["latest"] == 3
     assert res["refused"] and "belongs to another run" in res["refused"] and "hidden_size" in res["refused"]
+    assert res["refused_steps"] and "train_iters" in res["refused_steps"]
 
 
 def test_checkpoint_directories_per_precision():

@@ -174,7 +174,8 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(seed)
-    model = build_model(args, _settings(recipe))
+    settings = _settings(recipe)
+    model = build_model(args, settings)
     params = [p for p in model.parameters() if p.requires_grad]
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
     opt = torch.optim.AdamW(master, lr=args.get("lr", 1e-4), betas=(args.get("adam_beta1", 0.9),
@@ -187,10 +188,11 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
     accumulate = glob // (micro * world)
     total = steps or args.get("train_iters", 100)
     data = _batches(args, micro, seed + 1000 * rank)
-    mode = getattr(_settings(recipe), "mode", None)
+    mode = getattr(settings, "mode", None)
+    run_args = {**args, "train_iters": total}  # a checkpoint belongs to this schedule's length
     start, history = 0, []
     if args.get("load"):
-        start, history = checkpoint.load(args["load"], rank, world, args, mode, model, master, opt, data)
+        start, history = checkpoint.load(args["load"], rank, world, run_args, mode, model, master, opt, data)
     # Megatron's exit_interval: stop after the next step that is a multiple of it, on the full
     # run's learning-rate schedule (one part of a longer run; resume it with load).
     exit_every = args.get("exit_interval")
@@ -241,7 +243,7 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                 on_log(rec)
             window, norms, t0, tokens = [], [], time.perf_counter(), 0
         if save_dir and ((save_every and (step + 1) % save_every == 0) or step + 1 == stop):
-            checkpoint.save(save_dir, step + 1, rank, world, args, mode, model, master, opt, data, history)
+            checkpoint.save(save_dir, step + 1, rank, world, run_args, mode, model, master, opt, data, history)
     if keep_model is not None:
         keep_model["model"] = model
     return history
