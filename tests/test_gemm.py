@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_fp8flow import fp8, gemm
+from megatron_fp8flow.gemm.cublas import weight_operands as cublas_weight_operands
 from megatron_fp8flow.fp8.format import GroupSplits
 from megatron_fp8flow.moe import ExpertPrecision
 
@@ -184,7 +185,7 @@ def test_outer_major_group_scales_layout():
     # stride (K/128 = 3 is padded to 4, K/128 = 4 is not).
     for k in (384, 512):
         ws = _weights(256, k, 3, seed=70)
-        data, scales = gemm._cublas_weight_operands(ws)
+        data, scales = cublas_weight_operands(ws)
         for w, d, sc in zip(ws, data, scales):
             assert torch.equal(d.view(torch.uint8), w.data.t().view(torch.uint8))
             assert torch.equal(sc, w.scale_inv.t()) and sc.stride() == (1, 4)
@@ -281,17 +282,26 @@ def test_gemm_benchmark_render():
 
     from megatron_fp8flow.benchmarks import grouped_gemm as bg
 
-    row = bg.GemmRow("fc1 fprop", 8, 32768, 4096, 7168, "triton", 2.0, 960.0, 1.5)
-    text = bg.render({"gpu": "x", "torch": "y", "rows": [asdict(row)]})
-    assert "| fc1 fprop | 8 | 32768 x 4096 x 7168 | triton | 2.000 | 960 | 1.500 |" in text
+    row = bg.GemmRow("fc1 fprop", 8, 32768, 4096, 7168, "triton", 2.0, 960.0, 1.5, 0.25)
+    wg = bg.GemmRow("fc1 wgrad", 8, 32768, 4096, 7168, "deepgemm k_grouped", 2.0, 960.0, 1.5, 0.02, "main_grad")
+    text = bg.render({"gpu": "x", "torch": "y", "rows": [asdict(row), asdict(wg)]})
+    assert "| fc1 fprop | 8 | 32768 x 4096 x 7168 | triton | - | 2.000 | 960 | 0.25 | 1.500 |" in text
+    assert "| deepgemm k_grouped | main_grad | 2.000 | 960 | 0.02 | 1.500 |" in text
 
 
 def test_auto_backend_by_device(monkeypatch):
-    """auto: emulation on CPU, cuBLAS on sm_90, Triton on other FP8 GPUs, a clear error before sm_89."""
+    """auto: emulation on CPU, DeepGEMM on sm_90 when it imports (else cuBLAS), Triton on other FP8
+    GPUs, a clear error before sm_89."""
+    from megatron_fp8flow.gemm import deepgemm
+
     assert gemm.resolve_backend("auto", torch.device("cpu")) == "emulated"
+    monkeypatch.setattr(deepgemm, "available", lambda: False)
     for cap, expected in (((9, 0), "cublas"), ((8, 9), "triton"), ((10, 0), "triton")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
         assert gemm.resolve_backend("auto", torch.device("cuda")) == expected
+    monkeypatch.setattr(deepgemm, "available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gemm.resolve_backend("auto", torch.device("cuda")) == "deepgemm"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(RuntimeError, match=r"sm_89 or newer.*sm_80.*'bf16'"):
         gemm.resolve_backend("auto", torch.device("cuda"))

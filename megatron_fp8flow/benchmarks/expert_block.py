@@ -1,11 +1,14 @@
 """Benchmark: one MoE expert block (fc1 -> weighted SwiGLU -> fc2), forward + backward, per mode.
 
 DeepSeek-V3 shapes: hidden 7168, moe_ffn 2048, top-8, 4096 tokens per rank, 8 / 16 / 32 local
-experts (EP 32 / 16 / 8 of 256), balanced and skewed routing; groups padded to 16 rows. For each
-precision mode: median step time (device events), achieved TFLOP/s, the bytes held between
-forward and backward (the block's input included), the peak allocated over the step, the FP8
-weight copies kept across microbatches, and the floor
-(FLOPs / 1248 TFLOP/s + essential bytes / 4.13 TB/s).
+experts (EP 32 / 16 / 8 of 256), balanced and skewed routing; groups padded to the GEMM
+backend's alignment (128 for DeepGEMM, 16 otherwise; every mode gets the same rows). For each
+precision mode and weight-gradient contract (``wgrad_into``: ``param``, written once in the
+parameter dtype; ``main_grad``, accumulated into fp32 main gradients by the GEMM, as Megatron
+trains): median step time (device events), the host time to issue the step, kernel launches,
+achieved TFLOP/s, the bytes held between forward and backward (the block's input included),
+the peak allocated over the step, the FP8 weight copies kept across microbatches, and the floor
+(FLOPs / 1248 TFLOP/s + essential bytes / 4.13 TB/s; main_grad adds its fp32 read + write).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .. import fp8
+from .. import fp8, gemm
 from ..fp8.activation import FP8Activation
 from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
 from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, environment, save_result, warm_up
@@ -40,6 +43,9 @@ class BlockRow:
     of_floor: float
     gemm_backend: str = "auto"
     host_ms: float = 0.0  # CPU time to issue one step's kernels; near step_ms means host-bound
+    wgrad_into: str = "param"  # "param" (one write, parameter dtype) or "main_grad" (fp32, accumulated)
+    bf16_gemm: str = ""  # the bf16 mode's engine (torch | deepgemm)
+    launches: int = 0  # GPU kernels and copies of one forward + backward
 
 
 def group_sizes(experts: int, routing: str, align: int = 16, seed: int = 0) -> list:
@@ -60,12 +66,31 @@ def _fp8_cache_bytes(module: FP8FlowGroupedMLP) -> int:
     return sum(q.data.nbytes + q.scale_inv.nbytes for q in module._fp8_cache[1].tensors())
 
 
+def _count_launches(step) -> int:
+    """GPU activities (kernels, copies, fills) of one call of ``step``, from PyTorch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, hidden=HIDDEN, ffn=FFN,
-                reps: int = 10, warmup: int = 3, gemm_backend: str = "auto") -> BlockRow:
-    sizes = group_sizes(experts, routing)
+                reps: int = 10, warmup: int = 3, gemm_backend: str = "auto", wgrad_into: str = "param",
+                bf16_gemm: str = "auto", align: int = 16) -> BlockRow:
+    sizes = group_sizes(experts, routing, align)
     m = sum(sizes)
-    cfg = ExpertPrecision(mode=mode, recompute_experts=recompute, gemm_backend=gemm_backend)
+    fused = wgrad_into == "main_grad"
+    cfg = ExpertPrecision(mode=mode, recompute_experts=recompute, gemm_backend=gemm_backend,
+                          gradient_accumulation_fusion=fused, bf16_gemm=bf16_gemm)
     module = FP8FlowGroupedMLP(experts, hidden, ffn, cfg, dtype=torch.bfloat16, device=device)
+    if fused:  # one fp32 buffer per linear, as Megatron's DDP lays out the experts' main gradients
+        for lin in (module.linear_fc1, module.linear_fc2):
+            ws = lin.weights()
+            buf = torch.zeros(len(ws), *ws[0].shape, dtype=torch.float32, device=device)
+            for i, w in enumerate(ws):
+                w.main_grad = buf[i]
     x = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
     probs = torch.rand(m, device=device)
     dout = torch.randn(m, hidden, device=device, dtype=torch.bfloat16)
@@ -105,6 +130,7 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         inp = make_input()  # made by the dispatcher, outside the block: not timed
+        module.zero_grad(set_to_none=True)  # "param": each step writes its gradients once
         start.record()
         t0 = time.perf_counter()
         step(inp=inp)
@@ -113,26 +139,46 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     t = sorted(times)[len(times) // 2]
+    launches = _count_launches(step)
     flops = 18 * m * hidden * ffn  # fwd 6 M H F, backward twice that
-    essential = m * hidden * 2 * 3 + experts * 3 * hidden * ffn * 2 * 2  # x, out, dx; weights + grads
+    params = experts * 3 * hidden * ffn
+    grads = params * (8 if fused else 2)  # fp32 main_grad read + written, or one bf16 write
+    essential = m * hidden * 2 * 3 + params * 2 + grads  # x, out, dx; weights; gradients
     floor_ms = (flops / FP8_BLOCKWISE_FLOPS + essential / COPY_BANDWIDTH_FLOOR) * 1e3
+    engine = ""
+    if mode == "bf16":
+        from ..gemm import bf16
+
+        engine = bf16.resolve_engine(bf16_gemm, device, sizes)
     return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
-                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t, gemm_backend,
-                    sorted(host)[len(host) // 2])
+                    _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t,
+                    gemm.resolve_backend(gemm_backend, device) if mode != "bf16" else "-",
+                    sorted(host)[len(host) // 2], wgrad_into, engine, launches)
 
 
 def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed"),
-        gemm_backend: str = "auto") -> dict:
+        gemm_backend: str = "auto", contracts=("main_grad", "param"), bf16_engines=("torch", "deepgemm")) -> dict:
+    """Every mode under every gradient contract; the bf16 mode once per engine that runs here
+    (the strongest is the baseline)."""
     if not torch.cuda.is_available():
         raise RuntimeError("the expert-block benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     warm_up(device)
+    align = gemm.layouts(gemm_backend, device).group_alignment
+    from ..gemm import deepgemm
+
+    engines = [e for e in bf16_engines if e != "deepgemm" or deepgemm.available()]
+    align = max(align, 128 if "deepgemm" in engines else 16)
     rows = []
     for experts in experts_list:
         for routing in routings:
-            for mode in MODES:
-                rows.append(bench_block(mode, False, experts, routing, device, gemm_backend=gemm_backend))
-            rows.append(bench_block("flow", True, experts, routing, device, gemm_backend=gemm_backend))
+            for into in contracts:
+                common = dict(gemm_backend=gemm_backend, wgrad_into=into, align=align)
+                for engine in engines:
+                    rows.append(bench_block("bf16", False, experts, routing, device, bf16_gemm=engine, **common))
+                for mode in MODES[1:]:
+                    rows.append(bench_block(mode, False, experts, routing, device, **common))
+                rows.append(bench_block("flow", True, experts, routing, device, **common))
     return save_result({**environment(device), "rows": [asdict(r) for r in rows]}, out_dir, "expert_block.json")
 
 
@@ -140,15 +186,23 @@ def render(result: dict) -> str:
     lines = [
         f"GPU: {result['gpu']}, torch {result['torch']}; hidden {HIDDEN}, moe_ffn {FFN}, top-{TOPK}, {TOKENS} tokens",
         "",
-        "| experts | routing | mode | recompute | rows | step ms | host ms | TFLOP/s | held GB | peak GB | "
-        "FP8 weights GB | floor ms | floor / time |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| experts | routing | mode | recompute | wgrad into | GEMMs | rows | step ms | host ms | launches | TFLOP/s | "
+        "held GB | peak GB | FP8 weights GB | floor ms | floor / time | vs best bf16 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    best = {}
     for r in result["rows"]:
+        if r["mode"] == "bf16":
+            key = (r["experts"], r["routing"], r.get("wgrad_into", "param"))
+            best[key] = min(best.get(key, float("inf")), r["step_ms"])
+    for r in result["rows"]:
+        into = r.get("wgrad_into", "param")
+        base = best.get((r["experts"], r["routing"], into))
+        gemms = r.get("bf16_gemm") or r.get("gemm_backend", "")
         lines.append(
-            f"| {r['experts']} | {r['routing']} | {r['mode']} | {'yes' if r['recompute'] else 'no'} | {r['rows']} | "
-            f"{r['step_ms']:.3f} | {r.get('host_ms', 0.0):.2f} | {r['tflops']:.0f} | {r['held_gb']:.2f} | {r['peak_gb']:.2f} | "
-            f"{r.get('fp8_weights_gb', 0.0):.2f} | "
-            f"{r['floor_ms']:.3f} | {100 * r['of_floor']:.0f}% |"
+            f"| {r['experts']} | {r['routing']} | {r['mode']} | {'yes' if r['recompute'] else 'no'} | {into} | {gemms} | "
+            f"{r['rows']} | {r['step_ms']:.3f} | {r.get('host_ms', 0.0):.2f} | {r.get('launches', 0)} | {r['tflops']:.0f} | "
+            f"{r['held_gb']:.2f} | {r['peak_gb']:.2f} | {r.get('fp8_weights_gb', 0.0):.2f} | "
+            f"{r['floor_ms']:.3f} | {100 * r['of_floor']:.0f}% | {base / r['step_ms'] if base else float('nan'):.2f}x |"
         )
     return "\n".join(lines)

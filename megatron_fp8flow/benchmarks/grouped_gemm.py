@@ -1,24 +1,29 @@
-"""Benchmark: blockwise FP8 grouped GEMMs, cuBLAS (one ``torch._scaled_mm`` per group) against
-the single-launch Triton kernels, for the three products of the expert MLP (GPU).
+"""Benchmark: the grouped GEMMs of the expert MLP, per backend, FP8 and the bf16 baselines (GPU).
 
 DeepSeek-V3 expert shapes (hidden 7168, moe_ffn 2048, 4096 tokens x top-8 per rank) over 8, 16
-and 32 local experts, balanced routing. Each row times one product over all groups, including
-everything the backend does per call on the host (that is what the per-group loop pays), and
-checks the two backends agree before timing.
+and 32 local experts, balanced routing, groups padded to 128 rows (DeepGEMM's contiguous
+layout). fc1 and fc2, each as fprop, dgrad and wgrad; the wgrad under both gradient contracts:
+``param`` (written once in bf16) and ``main_grad`` (added into fp32 main gradients; the floor
+then counts their read and write). Each row times one product over all groups with device
+events, reports the host time of one call (what a per-group loop pays), and is checked against
+the emulation (or the first backend) before timing.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
 from .. import fp8, gemm
-from .common import FP8_BLOCKWISE_FLOPS, bench_ms, environment, save_result, warm_up
+from ..gemm import bf16 as bf16_gemm
+from ..gemm import deepgemm
+from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, bench_ms, environment, save_result, warm_up
 from .expert_block import FFN, HIDDEN, group_sizes
 
-BACKENDS = ("cublas", "triton")
+BACKENDS = ("deepgemm", "cublas", "triton")
 
 
 @dataclass
@@ -32,6 +37,8 @@ class GemmRow:
     ms: float
     tflops: float
     floor_ms: float
+    host_ms: float = 0.0
+    wgrad_into: str = ""  # wgrad rows: "param" or "main_grad"
 
 
 def _stacked_weights(n: int, k: int, experts: int, device):
@@ -42,30 +49,84 @@ def _stacked_weights(n: int, k: int, experts: int, device):
             for i in range(experts)]
 
 
-def _products(experts: int, device):
-    sizes = group_sizes(experts, "balanced")
+def _host_ms(call, reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float(torch.linalg.norm(a - b) / (torch.linalg.norm(b) + 1e-30))
+
+
+def _linear_rows(name: str, n: int, k: int, experts: int, device, backends) -> list:
+    """fprop [M, k] x [n, k]^T, dgrad [M, n] x [n, k], wgrad [n, k] over tokens, for one linear."""
+    sizes = group_sizes(experts, "balanced", 128)
     m = sum(sizes)
-    x = fp8.quantize(torch.randn(m, HIDDEN, device=device, dtype=torch.bfloat16))
-    w1 = _stacked_weights(2 * FFN, HIDDEN, experts, device)
-    dy = fp8.quantize(torch.randn(m, 2 * FFN, device=device, dtype=torch.bfloat16))
-    dy_col = fp8.scaling_aware_transpose(dy, sizes)
-    x_col = fp8.scaling_aware_transpose(x, sizes)
-    # cuBLAS needs the transposed weight copies for dgrad (made once per step, not timed here);
-    # Triton reads the forward weights transposed in place.
-    w1_t = [w.t() for w in w1]
+    flops = 2 * m * n * k
+    groups = fp8.GroupSplits.build(sizes, m, device)
+    xb = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    gb = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    x, g = fp8.quantize(xb), fp8.quantize(gb)
+    ws = _stacked_weights(n, k, experts, device)
+    ws_t = [w.t() for w in ws]  # exact transposed copies (made once per step in training)
+    cols = {st: (fp8.scaling_aware_transpose(g, sizes, storage=st), fp8.scaling_aware_transpose(x, sizes, storage=st))
+            for st in ("side_by_side", "per_group")}
+    main = torch.zeros(experts, n, k, device=device)
+    rows = []
 
-    def dgrad(be):
-        if be == "cublas":
-            return gemm.grouped_rowwise_gemm(dy, w1_t, sizes, backend=be)
-        return gemm.grouped_rowwise_gemm(dy, w1, sizes, backend=be, transpose_weights=True)
+    def add(product, backend, call, ref=None, into="", extra_bytes=0):
+        out = call()
+        if ref is not None:
+            rel = max(_rel(o, r) for o, r in zip(out if isinstance(out, list) else [out], ref if isinstance(ref, list) else [ref]))
+            if rel > 2e-2:
+                raise AssertionError(f"{name} {product} {backend}, {experts} experts: off by {rel:.3g}")
+        ms = bench_ms(call)
+        floor = (flops / FP8_BLOCKWISE_FLOPS + extra_bytes / COPY_BANDWIDTH_FLOOR) * 1e3
+        rows.append(GemmRow(f"{name} {product}", experts, m, n, k, backend, ms, flops / (ms * 1e-3) / 1e12, floor,
+                            _host_ms(call), into))
+        return out
 
-    flops = 2 * m * HIDDEN * 2 * FFN
-    return sizes, [
-        ("fc1 fprop", m, 2 * FFN, HIDDEN, flops, lambda be: gemm.grouped_rowwise_gemm(x, w1, sizes, backend=be)),
-        ("fc1 dgrad", m, HIDDEN, 2 * FFN, flops, dgrad),
-        ("fc1 wgrad", 2 * FFN, HIDDEN, m, flops,
-         lambda be: gemm.grouped_wgrad(dy_col, x_col, backend=be, out_dtype=torch.bfloat16)),
-    ], (x, w1, dy, dy_col, x_col)
+    ref_f = gemm.grouped_rowwise_gemm(x, ws, sizes, backend="cublas")
+    ref_d = gemm.grouped_rowwise_gemm(g, ws_t, sizes, backend="cublas")
+    ref_w = gemm.grouped_wgrad(*cols["side_by_side"], backend="cublas", out_dtype=torch.bfloat16)
+    for be in backends:
+        st = "per_group" if be == "deepgemm" else "side_by_side"
+        add("fprop", be, lambda: gemm.grouped_rowwise_gemm(x, ws, sizes, backend=be), ref_f)
+        if be == "triton":
+            add("dgrad", be, lambda: gemm.grouped_rowwise_gemm(g, ws, sizes, backend=be, transpose_weights=True), ref_d)
+        else:
+            add("dgrad", be, lambda: gemm.grouped_rowwise_gemm(g, ws_t, sizes, backend=be), ref_d)
+        add("wgrad", be, lambda: gemm.grouped_wgrad(*cols[st], backend=be, out_dtype=torch.bfloat16), ref_w, "param")
+    # Weight-gradient candidates accumulating into fp32 main_grad (read + written: 8 bytes/element).
+    acc_bytes = experts * n * k * 8
+    if "deepgemm" in backends:
+        for method in ("k_grouped", "dense", "cublas"):
+            impl = deepgemm.DeepGemmBackend(wgrad_method=method)
+            st = "side_by_side" if method == "cublas" else "per_group"
+            add("wgrad", f"deepgemm {method}",
+                lambda: impl.wgrad(*cols[st], cols[st][0].groups, list(main.unbind(0)), torch.float32),
+                into="main_grad", extra_bytes=acc_bytes)
+    add("wgrad", "cublas", lambda: gemm.grouped_wgrad(*cols["side_by_side"], accumulate_into=list(main.unbind(0)),
+                                                      backend="cublas"), into="main_grad", extra_bytes=acc_bytes)
+    # The bf16 baselines under the same contracts.
+    w_b = torch.stack([w.dequantize(torch.bfloat16) for w in ws])
+    engines = ["torch"] + (["deepgemm"] if "deepgemm" in backends else [])
+    for eng in engines:
+        add("fprop", f"bf16 {eng}", lambda: bf16_gemm.grouped_mm(xb, w_b, groups, eng), ref_f)
+        add("dgrad", f"bf16 {eng}", lambda: bf16_gemm.grouped_mm(gb, w_b, groups, eng, transpose=False), ref_d)
+        like = list(w_b.unbind(0))
+        if eng == "torch":
+            add("wgrad", "bf16 torch", lambda: bf16_gemm.grouped_wgrad(gb, xb, groups, eng, None, like), into="param")
+        add("wgrad", f"bf16 {eng}", lambda: bf16_gemm.grouped_wgrad(gb, xb, groups, eng, list(main.unbind(0)), like),
+            into="main_grad", extra_bytes=acc_bytes)
+    return rows
 
 
 ROWWISE_CONFIGS = [  # (block_n, num_warps, num_stages)
@@ -132,38 +193,41 @@ def _sweep_rows(experts: int, operands, device) -> list:
     return rows
 
 
-def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), sweep: bool = False) -> dict:
+def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), sweep: bool = False,
+        backends=None) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("the grouped GEMM benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     warm_up(device)
+    if backends is None:
+        backends = tuple(b for b in BACKENDS if b != "deepgemm" or deepgemm.available())
     rows = []
     for experts in experts_list:
-        _, products, operands = _products(experts, device)
-        for name, m, n, k, flops, call in products:
-            ref = call("cublas")
-            got = call("triton")
-            for r, t in zip(ref if isinstance(ref, list) else [ref], got if isinstance(got, list) else [got]):
-                rel = float(torch.linalg.norm(r.float() - t.float()) / (torch.linalg.norm(r.float()) + 1e-30))
-                if rel > 1e-2:
-                    raise AssertionError(f"{name}, {experts} experts: cuBLAS and Triton differ by {rel:.3g}")
-            for be in BACKENDS:
-                ms = bench_ms(lambda: call(be))
-                rows.append(GemmRow(name, experts, m, n, k, be, ms, flops / (ms * 1e-3) / 1e12,
-                                    flops / FP8_BLOCKWISE_FLOPS * 1e3))
+        rows += _linear_rows("fc1", 2 * FFN, HIDDEN, experts, device, backends)
+        rows += _linear_rows("fc2", HIDDEN, FFN, experts, device, backends)
         if sweep and experts == experts_list[len(experts_list) // 2]:
-            rows += _sweep_rows(experts, operands, device)
+            rows += _sweep_rows(experts, _sweep_operands(experts, device), device)
     return save_result({**environment(device), "rows": [asdict(r) for r in rows]}, out_dir, "grouped_gemm.json")
+
+
+def _sweep_operands(experts: int, device):
+    sizes = group_sizes(experts, "balanced")
+    m = sum(sizes)
+    x = fp8.quantize(torch.randn(m, HIDDEN, device=device, dtype=torch.bfloat16))
+    w1 = _stacked_weights(2 * FFN, HIDDEN, experts, device)
+    dy = fp8.quantize(torch.randn(m, 2 * FFN, device=device, dtype=torch.bfloat16))
+    return x, w1, dy, fp8.scaling_aware_transpose(dy, sizes), fp8.scaling_aware_transpose(x, sizes)
 
 
 def render(result: dict) -> str:
     lines = [
-        f"GPU: {result['gpu']}, torch {result['torch']}; DeepSeek-V3 fc1 (hidden {HIDDEN}, 2 x moe_ffn {2 * FFN})",
+        f"GPU: {result['gpu']}, torch {result['torch']}; DeepSeek-V3 experts (hidden {HIDDEN}, moe_ffn {FFN})",
         "",
-        "| product | experts | M x N x K | backend | ms | TFLOP/s | floor ms |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| product | experts | M x N x K | backend | wgrad into | ms | TFLOP/s | host ms | floor ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['product']} | {r['experts']} | {r['m']} x {r['n']} x {r['k']} | {r['backend']} | "
-                     f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['floor_ms']:.3f} |")
+                     f"{r.get('wgrad_into') or '-'} | {r['ms']:.3f} | {r['tflops']:.0f} | {r.get('host_ms', 0.0):.2f} | "
+                     f"{r['floor_ms']:.3f} |")
     return "\n".join(lines)

@@ -25,8 +25,10 @@ from .format import (
     NAN_CODE,
     ZERO_BLOCK_SCALE,
     BlockwiseFP8Tensor,
+    ColStorage,
     GroupSplits,
     Layout,
+    group_column_blocks,
 )
 
 __all__ = [
@@ -37,8 +39,10 @@ __all__ = [
     "NAN_CODE",
     "ZERO_BLOCK_SCALE",
     "BlockwiseFP8Tensor",
+    "ColStorage",
     "GroupSplits",
     "Layout",
+    "group_column_blocks",
     "dequantize",
     "num_scale_blocks",
     "quantize",

@@ -13,7 +13,8 @@ import torch
 
 from . import reference as ref
 from .audit import counted
-from .format import BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike, cdiv
+from .format import (BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, ColStorage, GroupSplits, Layout, SplitsLike, cdiv,
+                     per_group_from_side_by_side, side_by_side_from_per_group)
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
@@ -57,6 +58,7 @@ def quantize(
     m_splits: Optional[SplitsLike] = None,
     pow2_scales: bool = True,
     backend: Backend = "auto",
+    col_storage: str = "side_by_side",
 ) -> BlockwiseFP8Tensor:
     """Quantize a 2-D activation/gradient tensor to blockwise FP8 E4M3.
 
@@ -70,6 +72,8 @@ def quantize(
             :class:`GroupSplits` (e.g. ``Permutation.group_splits()``) is used as is.
         pow2_scales: power-of-two scales ``2^ceil(log2(amax/448))`` (exact, default) or fp32
             scales ``amax/448``.
+        col_storage: ``colwise`` data storage, ``"side_by_side"`` ([K, M]) or ``"per_group"``
+            (one contiguous [K, m_g] block per group; see :class:`~.format.ColStorage`).
 
     Semantics (both backends, bit-identical): scales from the amax of the finite elements of
     each block, clamped to >= 2^-126; ``scale_inv = 1`` for blocks without a finite non-zero
@@ -90,8 +94,9 @@ def quantize(
         return BlockwiseFP8Tensor(data, scale_inv, Layout.ROWWISE, tuple(x.shape), pow2_scales)
     if lay == Layout.COLWISE:
         groups = _groups(m_splits, x.shape[0], x.device)
-        _, _, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, False, backend)
-        return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, tuple(x.shape), pow2_scales, groups)
+        storage = ColStorage.parse(col_storage)
+        _, _, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, False, backend, storage)
+        return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, tuple(x.shape), pow2_scales, groups, storage)
     raise ValueError("use fp8.quantize_weight for the 128x128 'weight' layout")
 
 
@@ -101,6 +106,7 @@ def quantize_row_and_col(
     m_splits: SplitsLike,
     pow2_scales: bool = True,
     backend: Backend = "auto",
+    col_storage: str = "side_by_side",
 ):
     """Row-wise and grouped column-wise quantization of ``x`` (one call, fastest kernels).
 
@@ -109,11 +115,12 @@ def quantize_row_and_col(
     """
     _check_activation(x)
     groups = _groups(m_splits, x.shape[0], x.device)
-    data, scale, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, True, backend)
+    storage = ColStorage.parse(col_storage)
+    data, scale, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, True, backend, storage)
     shape = tuple(x.shape)
     return (
         BlockwiseFP8Tensor(data, scale, Layout.ROWWISE, shape, pow2_scales),
-        BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, shape, pow2_scales, groups),
+        BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, shape, pow2_scales, groups, storage),
     )
 
 
@@ -123,13 +130,16 @@ def _groups(m_splits: Optional[SplitsLike], num_rows: int, device: torch.device)
     return GroupSplits.build(m_splits, num_rows, device)
 
 
-def _quantize_grouped(x, groups: GroupSplits, pow2_scales, write_rowwise, backend):
+def _quantize_grouped(x, groups: GroupSplits, pow2_scales, write_rowwise, backend, storage=ColStorage.SIDE_BY_SIDE):
+    per_group = storage == ColStorage.PER_GROUP
     if _use_triton(x.device, backend):
         from ..kernels.quantize import quantize_grouped
 
-        return quantize_grouped(x, groups, pow2_scales, write_rowwise)
+        return quantize_grouped(x, groups, pow2_scales, write_rowwise, per_group=per_group)
     sizes = groups.host_sizes()
     data_t, scale_t = ref.quantize_colwise(x, sizes, pow2_scales)
+    if per_group:
+        data_t = per_group_from_side_by_side(data_t, sizes)
     scale_t = _pad_scale_rows(scale_t, groups)
     data = scale = None
     if write_rowwise:
@@ -229,6 +239,7 @@ def scaling_aware_transpose(
     m_splits: SplitsLike,
     variant: str = "column",
     backend: Backend = "auto",
+    storage: str = "side_by_side",
 ) -> BlockwiseFP8Tensor:
     """Row-wise FP8 -> grouped column-wise FP8 directly on the FP8 bytes (no BF16 round trip).
 
@@ -240,6 +251,8 @@ def scaling_aware_transpose(
             ``quantize(q.dequantize(), "colwise", m_splits)`` (codes and scales), subnormal
             results rounded to nearest even. ``"tile"``: each 128x128 tile uses the largest
             of its row scales (the paper's choice; see ``reference.sat_tile``).
+        storage: the output's data storage, ``"side_by_side"`` or ``"per_group"`` (what a
+            K-grouped wgrad GEMM reads; see :class:`~.format.ColStorage`). Same codes either way.
     """
     if not isinstance(q, BlockwiseFP8Tensor) or q.layout != Layout.ROWWISE:
         got = q.layout.value if isinstance(q, BlockwiseFP8Tensor) else type(q).__name__
@@ -253,11 +266,13 @@ def scaling_aware_transpose(
     if variant not in ("column", "tile"):
         raise ValueError(f"unknown SAT variant {variant!r}; expected 'column' or 'tile'")
     m, k = q.shape
+    storage = ColStorage.parse(storage)
     groups = GroupSplits.build(m_splits, m, q.device)
     if _use_triton(q.device, backend):
         from ..kernels.scaling_aware_transpose import scaling_aware_transpose as kernel
 
-        data_t, scale_t = kernel(q.data, q.scale_inv, groups, tile_scale=(variant == "tile"))
+        data_t, scale_t = kernel(q.data, q.scale_inv, groups, tile_scale=(variant == "tile"),
+                                 per_group=storage == ColStorage.PER_GROUP)
     else:
         sizes = groups.host_sizes()
         if variant == "tile":
@@ -265,8 +280,10 @@ def scaling_aware_transpose(
         else:
             x = ref.dequantize_rowwise(q.data, q.scale_inv)
             data_t, scale_t = ref.quantize_colwise(x, sizes, True)
+        if storage == ColStorage.PER_GROUP:
+            data_t = per_group_from_side_by_side(data_t, sizes)
         scale_t = _pad_scale_rows(scale_t, groups)
-    return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, (m, k), True, groups)
+    return BlockwiseFP8Tensor(data_t, scale_t, Layout.COLWISE, (m, k), True, groups, storage)
 
 
 @counted(lambda t, *a, **k: "weight_dequantize" if t.layout == Layout.WEIGHT else "dequantize")
@@ -281,7 +298,11 @@ def dequantize(
             return dequantize_rowwise(t.data, t.scale_inv, dtype)
         return ref.dequantize_rowwise(t.data, t.scale_inv, dtype)
     if t.layout == Layout.COLWISE:
-        return ref.dequantize_colwise(t.data, t.scale_inv, t.groups.host_sizes(), dtype)
+        sizes = t.groups.host_sizes()
+        data = t.data
+        if t.col_storage == ColStorage.PER_GROUP:
+            data = side_by_side_from_per_group(data, t.shape[1], sizes)
+        return ref.dequantize_colwise(data, t.scale_inv, sizes, dtype)
     return ref.dequantize_weight(t.data, t.scale_inv, dtype)
 
 

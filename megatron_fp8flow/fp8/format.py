@@ -6,8 +6,11 @@ infinity, NaN code 0x7F) with one fp32 *dequantization* scale (``scale_inv``) pe
 * ``Layout.ROWWISE``: 1x128 blocks along the last dim. ``data`` [M, K], ``scale_inv`` [M, ceil(K/128)].
   The operand of fprop/dgrad GEMMs (reduction over K).
 * ``Layout.COLWISE``: 1x128 blocks along the rows (tokens), blocks restart at every group
-  (expert) boundary. ``data`` is stored transposed, [K, M], groups side by side;
-  ``scale_inv`` is [sum_g ceil(m_g/128), K]. The operand of wgrad GEMMs (reduction over tokens).
+  (expert) boundary. ``data`` is stored transposed, in one of two storages
+  (:class:`ColStorage`): ``side_by_side``, one [K, M] tensor with the groups' columns side by
+  side, or ``per_group``, one contiguous [K, m_g] block per group, back to back (a flat
+  [K * M] tensor; what a K-grouped GEMM reads). ``scale_inv`` is [sum_g ceil(m_g/128), K] in
+  both. The operand of wgrad GEMMs (reduction over tokens).
 * ``Layout.WEIGHT``: 128x128 blocks. ``data`` [N, K], ``scale_inv`` [ceil(N/128), ceil(K/128)].
 
 The layout is carried explicitly by the container; nothing is ever inferred from shapes.
@@ -35,6 +38,23 @@ ZERO_BLOCK_SCALE = 1.0
 NAN_CODE = 0x7F
 
 SplitsLike = Union[Sequence[int], torch.Tensor, "GroupSplits"]
+
+
+class ColStorage(str, enum.Enum):
+    """How the transposed data of a column-wise tensor is stored (see the module docstring)."""
+
+    SIDE_BY_SIDE = "side_by_side"
+    PER_GROUP = "per_group"
+
+    @classmethod
+    def parse(cls, value: Union[str, "ColStorage"]) -> "ColStorage":
+        if isinstance(value, ColStorage):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(v.value) for v in cls)
+            raise ValueError(f"unknown column-wise storage {value!r}; expected one of {valid}") from None
 
 
 class Layout(str, enum.Enum):
@@ -78,6 +98,18 @@ class GroupSplits:
     scale_rows_capacity: int
     # A number every group size is known to be a multiple of (lets kernels use wider accesses).
     row_alignment: int = 1
+    _row_group: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def row_group_index(self) -> torch.Tensor:
+        """int32 [M]: the group of every row, built once on the device (no host sync) and kept:
+        the per-row layout M-grouped GEMMs read. Padding rows belong to their group (they are
+        zero, so they contribute zeros)."""
+        if self._row_group is None:
+            dev = self.sizes_device.device
+            self._row_group = torch.repeat_interleave(
+                torch.arange(self.num_groups, device=dev, dtype=torch.int32), self.sizes_device.long(),
+                output_size=self.num_rows)
+        return self._row_group
 
     @property
     def exact(self) -> bool:
@@ -159,6 +191,7 @@ class BlockwiseFP8Tensor:
         pow2_scales: whether every scale is an exact power of two (required by the
             scaling-aware transpose).
         groups: row groups of a ``COLWISE`` tensor, else None.
+        col_storage: how a ``COLWISE`` tensor's data is stored (:class:`ColStorage`).
     """
 
     data: torch.Tensor
@@ -167,6 +200,7 @@ class BlockwiseFP8Tensor:
     shape: tuple
     pow2_scales: bool = True
     groups: Optional[GroupSplits] = field(default=None, repr=False)
+    col_storage: ColStorage = ColStorage.SIDE_BY_SIDE
 
     @property
     def device(self) -> torch.device:
@@ -211,3 +245,45 @@ class BlockwiseFP8Tensor:
             f"data={tuple(self.data.shape)}, scale_inv={tuple(self.scale_inv.shape)}, "
             f"pow2_scales={self.pow2_scales}, device={self.device})"
         )
+
+
+def group_column_blocks(t: BlockwiseFP8Tensor) -> list:
+    """Each group's transposed data [K, m_g] of a column-wise tensor, as views, in either
+    storage (host group sizes: may synchronize when they live only on the device)."""
+    if t.layout != Layout.COLWISE:
+        raise ValueError(f"group_column_blocks needs a 'colwise' tensor, got {t.layout.value!r}")
+    m, k = t.shape
+    sizes = t.groups.host_sizes()
+    views, start = [], 0
+    for rows in sizes:
+        if t.col_storage == ColStorage.PER_GROUP:
+            views.append(t.data[k * start: k * (start + rows)].view(k, rows))
+        else:
+            views.append(t.data[:, start: start + rows])
+        start += rows
+    return views
+
+
+def per_group_from_side_by_side(data_t: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Reference re-layout: [K, M] side-by-side column-wise data -> flat per-group storage."""
+    k = data_t.shape[0]
+    parts, start = [], 0
+    for rows in sizes:
+        parts.append(data_t[:, start: start + rows].reshape(-1))
+        start += int(rows)
+    if not parts:
+        return data_t.new_empty(0)
+    out = torch.cat([p.view(torch.uint8) for p in parts]).view(data_t.dtype)
+    assert out.numel() == k * start
+    return out
+
+
+def side_by_side_from_per_group(flat: torch.Tensor, k: int, sizes: Sequence[int]) -> torch.Tensor:
+    """Reference re-layout: flat per-group column-wise data -> [K, M] side by side."""
+    parts, start = [], 0
+    for rows in sizes:
+        parts.append(flat[k * start: k * (start + int(rows))].view(torch.uint8).view(k, int(rows)))
+        start += int(rows)
+    if not parts:
+        return flat.new_empty(k, 0)
+    return torch.cat(parts, dim=1).view(flat.dtype)

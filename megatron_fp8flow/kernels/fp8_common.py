@@ -192,6 +192,21 @@ def locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, 
     return g, row_start, rows
 
 
+@triton.jit
+def colwise_frame(g, row_offsets_ptr, M, K, PER_GROUP: tl.constexpr):
+    """Where column-wise output element (k, row) goes: ``base + k * ld + row``.
+
+    Side by side ([K, M]): base 0, ld M. Per group (group g's [K, m_g] block at K * start_g):
+    base start_g * (K - 1), ld m_g.
+    """
+    if PER_GROUP:
+        start = tl.load(row_offsets_ptr + g)
+        end = tl.load(row_offsets_ptr + g + 1)
+        return start.to(tl.int64) * (K - 1), end - start
+    else:
+        return (M * 0).to(tl.int64), M
+
+
 def groups_p2(num_groups: int) -> int:
     """Vector width :func:`locate_block` needs for ``num_groups`` groups (G + 1 offsets)."""
     return triton.next_power_of_2(num_groups + 1)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv
-from .fp8_common import fp8_view, groups_p2, locate_block, needs_emulated_cast, quantize_tile
+from .fp8_common import colwise_frame, fp8_view, groups_p2, locate_block_group, needs_emulated_cast, quantize_tile
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _quantize_grouped_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, stride_xm, num_kb, num_groups,
     BLOCK_K: tl.constexpr, WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr,
-    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
     """One 128-row block of one group x BLOCK_K columns: column-wise (and optionally row-wise) output.
 
@@ -46,7 +46,8 @@ def _quantize_grouped_kernel(
     """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    grp, row_start, nrows = locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    out_base, out_ld = colwise_frame(grp, row_offsets_ptr, M, K, PER_GROUP)
     r = tl.arange(0, 128)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = r < nrows
@@ -63,7 +64,7 @@ def _quantize_grouped_kernel(
 
     # Output orientation [BLOCK_K, 128]; masked-off rows were loaded as 0 and do not count.
     q_col, s_col = quantize_tile(tl.trans(x_raw).to(tl.float32), 1, POW2, EMULATE)
-    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], q_col,
+    tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], q_col,
              mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
 
@@ -73,7 +74,7 @@ def _quantize_colwise_bf16_words_kernel(
     x32_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, stride_xw, num_groups,
     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, POW2: tl.constexpr,
-    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
     """Column-wise only, bf16 input, K even: read 32-bit words (2 elements of a row), transpose
     words, split the halves. Each half-plane is in output orientation (row k = 2w + j, values
@@ -81,7 +82,8 @@ def _quantize_colwise_bf16_words_kernel(
     """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    grp, row_start, nrows = locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    out_base, out_ld = colwise_frame(grp, row_offsets_ptr, M, K, PER_GROUP)
     WB: tl.constexpr = BLOCK_K // 2
     r = tl.arange(0, 128)
     wl = tl.arange(0, WB)
@@ -102,7 +104,7 @@ def _quantize_colwise_bf16_words_kernel(
                 x = (t & -65536).to(tl.float32, bitcast=True)
             q_col, s_col = quantize_tile(x, 1, POW2, EMULATE)
             k = kc * BLOCK_K + 2 * wl + j
-            tl.store(qt_ptr + k.to(tl.int64)[:, None] * M + rows[None, :], q_col,
+            tl.store(qt_ptr + out_base + k.to(tl.int64)[:, None] * out_ld + rows[None, :], q_col,
                      mask=w_ok[:, None] & row_ok[None, :])
             tl.store(st_ptr + bid.to(tl.int64) * K + k, s_col, mask=w_ok & (nrows > 0))
 
@@ -135,7 +137,7 @@ def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 1
 
 def quantize_grouped(
     x: torch.Tensor, groups: GroupSplits, pow2_scales: bool = True, write_rowwise: bool = True,
-    block_k: int = 128, chunks: int = 1, num_warps: int = 4,
+    block_k: int = 128, chunks: int = 1, num_warps: int = 4, per_group: bool = False,
 ):
     """Column-wise (per group) and optionally row-wise quantization of ``x``.
 
@@ -144,7 +146,8 @@ def quantize_grouped(
     kernel for the other half: two reads of ``x`` that measured faster on the H200 than the
     fused pass (see BENCHMARKS.md).
 
-    Returns (row data, row scale_inv, col data [K, M], col scale_inv [blocks, K]); the row-wise
+    Returns (row data, row scale_inv, col data [K, M] (``per_group``: flat, one [K, m_g] block
+    per group), col scale_inv [blocks, K]); the row-wise
     pair is None when ``write_rowwise`` is False. With device-side group sizes the column-wise
     scale tensor has ``groups.scale_rows_capacity`` rows; rows past the real count are zero.
     """
@@ -154,7 +157,7 @@ def quantize_grouped(
     m, k = x.shape
     num_kb = cdiv(k, BLOCK)
     dev = x.device
-    data_t = torch.empty(k, m, dtype=FP8_DTYPE, device=dev)
+    data_t = torch.empty(k * m if per_group else (k, m), dtype=FP8_DTYPE, device=dev)
     alloc = torch.empty if groups.exact else torch.zeros
     scale_t = alloc(groups.scale_rows_capacity, k, dtype=torch.float32, device=dev)
     data = scale = None
@@ -180,7 +183,7 @@ def quantize_grouped(
         _quantize_colwise_bf16_words_kernel[grid](
             x32, fp8_view(data_t, emulate), scale_t, *offsets, m, k, x32.stride(0), groups.num_groups,
             BLOCK_K=block_k, CHUNKS=chunks, POW2=pow2_scales, EMULATE=emulate, GROUPS_P2=gp2,
-            num_warps=num_warps,
+            PER_GROUP=per_group, num_warps=num_warps,
         )
         return data, scale, data_t, scale_t
     if write_rowwise:
@@ -192,6 +195,6 @@ def quantize_grouped(
         x, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
         m, k, x.stride(0), num_kb, groups.num_groups,
         BLOCK_K=block_k, WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
-        GROUPS_P2=gp2, num_warps=num_warps,
+        GROUPS_P2=gp2, PER_GROUP=per_group, num_warps=num_warps,
     )
     return data, scale, data_t, scale_t

@@ -31,7 +31,8 @@ from .fp8_common import (
     fp8_view,
     groups_p2,
     is_finite,
-    locate_block,
+    colwise_frame,
+    locate_block_group,
     needs_emulated_cast,
     encode_e4m3_x4,
     reciprocal_pow2,
@@ -59,7 +60,7 @@ def _sat_words_kernel(
     q32_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, num_kb, num_groups,
     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, TILE_SCALE: tl.constexpr,
-    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+    EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
     """K % 4 == 0: transpose 32-bit words (4 codes of a row), then split them into 4 byte planes.
 
@@ -68,7 +69,8 @@ def _sat_words_kernel(
     """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    grp, row_start, nrows = locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    out_base, out_ld = colwise_frame(grp, row_offsets_ptr, M, K, PER_GROUP)
     WB: tl.constexpr = BLOCK_K // 4
     r = tl.arange(0, 128)
     wl = tl.arange(0, WB)
@@ -92,7 +94,8 @@ def _sat_words_kernel(
                 qf = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             codes, scale = _sat_plane(qf, s, row_ok, WB, TILE_SCALE, EMULATE)
             k = kc * BLOCK_K + 4 * wl + j
-            tl.store(qt_ptr + k.to(tl.int64)[:, None] * M + rows[None, :], codes, mask=w_ok[:, None] & row_ok[None, :])
+            tl.store(qt_ptr + out_base + k.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
+                     mask=w_ok[:, None] & row_ok[None, :])
             tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=w_ok & (nrows > 0))
 
 
@@ -138,6 +141,7 @@ def _sat_packed_kernel(
     q32_ptr, s_ptr, qt32_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, num_kb, num_groups,
     BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
+    PER_GROUP: tl.constexpr,
 ):
     """K % 4 == 0 and every group a multiple of 4 rows: 4x4 byte transposes in registers.
 
@@ -147,7 +151,8 @@ def _sat_packed_kernel(
     """
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    grp, row_start, nrows = locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    out_base, out_ld = colwise_frame(grp, row_offsets_ptr, M, K, PER_GROUP)  # in bytes; all multiples of 4 here
     WB: tl.constexpr = BLOCK_K // 4
     g = tl.arange(0, 32)
     row0 = row_start + 4 * g  # first of each group of 4 rows
@@ -169,7 +174,8 @@ def _sat_packed_kernel(
     a1 = tl.load(base + K4, mask=ld_mask, other=0)
     a2 = tl.load(base + 2 * K4, mask=ld_mask, other=0)
     a3 = tl.load(base + 3 * K4, mask=ld_mask, other=0)
-    M4 = M // 4
+    ld4 = out_ld // 4
+    base4 = out_base // 4
     out_g = row_start // 4 + g
     for j in tl.static_range(4):
         word, scale = _sat_plane_x4(
@@ -178,7 +184,7 @@ def _sat_packed_kernel(
             s0, s1, s2, s3, ok0, ok1, ok2, ok3, WB, TILE_SCALE, EMULATE,
         )
         k = pid_k * BLOCK_K + 4 * tl.arange(0, WB) + j
-        tl.store(qt32_ptr + k.to(tl.int64)[:, None] * M4 + out_g[None, :], tl.trans(word),
+        tl.store(qt32_ptr + base4 + k.to(tl.int64)[:, None] * ld4 + out_g[None, :], tl.trans(word),
                  mask=w_ok[:, None] & ok0[None, :])
         tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=w_ok & (nrows > 0))
 
@@ -188,12 +194,13 @@ def _sat_bytes_kernel(
     q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
     M, K, num_kb, num_groups,
     BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-    GROUPS_P2: tl.constexpr,
+    GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
     """Any K: transposes the 8-bit tile (slower on the GPU than the word kernel)."""
     bid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    row_start, nrows = locate_block(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    grp, row_start, nrows = locate_block_group(bid, scale_row_offsets_ptr, row_offsets_ptr, num_groups, GROUPS_P2)
+    out_base, out_ld = colwise_frame(grp, row_offsets_ptr, M, K, PER_GROUP)
     r = tl.arange(0, 128)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = r < nrows
@@ -205,7 +212,8 @@ def _sat_bytes_kernel(
     s = tl.load(s_ptr + rows64 * num_kb + (pid_k * BLOCK_K) // 128, mask=row_ok, other=0.0)
     # Decode, then transpose the fp32 values: tl.trans of an 8-bit tile can corrupt it on Hopper.
     codes, scale = _sat_plane(tl.trans(decode_e4m3(q, EMULATE)), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
-    tl.store(qt_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :], codes, mask=col_ok[:, None] & row_ok[None, :])
+    tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
+             mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=col_ok & (nrows > 0))
 
 
@@ -218,8 +226,12 @@ def scaling_aware_transpose(
     chunks: int = 1,
     num_warps: int = None,
     packed=None,
+    per_group: bool = False,
 ):
     """Row-wise FP8 [M, K] -> column-wise FP8 (data [K, M], scale_inv [blocks, K]).
+
+    ``per_group=True`` stores the data per group instead (flat [K * M], group g's [K, m_g]
+    block at K * start_g; see ``fp8.format.ColStorage``).
 
     ``scale_inv`` must hold power-of-two scales (the caller checks the tensor's flag).
     With device-side group sizes the output scale tensor has ``groups.scale_rows_capacity``
@@ -231,7 +243,7 @@ def scaling_aware_transpose(
     m, k = data.shape
     num_kb = cdiv(k, BLOCK)
     dev = data.device
-    data_t = torch.empty(k, m, dtype=FP8_DTYPE, device=dev)
+    data_t = torch.empty(k * m if per_group else (k, m), dtype=FP8_DTYPE, device=dev)
     alloc = torch.empty if groups.exact else torch.zeros
     scale_t = alloc(groups.scale_rows_capacity, k, dtype=torch.float32, device=dev)
     if not (m and k and groups.scale_rows_capacity):
@@ -241,7 +253,8 @@ def scaling_aware_transpose(
         packed = k % 4 == 0 and m % 4 == 0 and groups.row_alignment % 4 == 0 and data.is_contiguous()
     if num_warps is None:
         num_warps = 2 if packed else 4  # fastest measured on the H200 (BENCHMARKS.md sweep)
-    common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups), num_warps=num_warps)
+    common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups),
+                  PER_GROUP=per_group, num_warps=num_warps)
     offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, num_kb, groups.num_groups)
     if packed:
         grid = (groups.scale_rows_capacity, cdiv(k, block_k))

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import fp8, gemm
+from ..gemm import bf16 as bf16_gemm
 from ..fp8.activation import FP8Activation, fp8_payload
 from ..fp8.audit import cast_point
 from ..fp8.format import BlockwiseFP8Tensor, GroupSplits
@@ -63,129 +64,172 @@ class ExpertPrecision:
     # Save only the FP8 input (+ scales), probs and group sizes; recompute the block in backward.
     recompute_experts: bool = False
     check_finite: bool = False  # debug: raise on NaN/Inf in inputs and outputs
+    # Megatron's convention: weights that carry an fp32 ``main_grad`` get their gradients added
+    # into it by the GEMM (no separate pass), and autograd sees Megatron's dummy gradient.
+    gradient_accumulation_fusion: bool = False
+    bf16_gemm: str = "auto"  # the bf16 mode's grouped GEMMs: auto | torch | deepgemm
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown expert precision mode {self.mode!r}; expected one of {MODES}")
         if self.gemm_backend not in gemm.BACKENDS:
             raise ValueError(f"unknown gemm_backend {self.gemm_backend!r}; expected one of {gemm.BACKENDS}")
+        if self.bf16_gemm not in bf16_gemm.ENGINES:
+            raise ValueError(f"unknown bf16_gemm {self.bf16_gemm!r}; expected one of {bf16_gemm.ENGINES}")
         if self.sat_variant not in ("column", "tile"):
             raise ValueError(f"sat_variant must be 'column' or 'tile', got {self.sat_variant!r}")
         if self.recompute_experts and self.mode not in ("flow", "flow_double_quant"):
             raise ValueError(f"recompute_experts is implemented for the FP8 flow modes, not {self.mode!r}")
 
 
-def _bf16_grouped(a: torch.Tensor, weights: Sequence[torch.Tensor], ends: torch.Tensor, transpose: bool = True):
-    """out[g] = a[g] @ w[g]^T (``transpose=False``: a[g] @ w[g]) in bf16 with fp32 accumulate, one
-    grouped GEMM for all experts; ``ends`` are the groups' cumulative row ends on the device."""
-    stacked = gemm.stacked_view_or_copy([w.bfloat16() for w in weights])
-    b = stacked.transpose(-2, -1) if transpose else stacked
-    if a.shape[0] == 0:
-        return a.new_empty(0, b.shape[-1])
-    return torch._grouped_mm(a, b, offs=ends)
+def _main_grads(weights, cfg: ExpertPrecision) -> Optional[List[torch.Tensor]]:
+    """The weights' fp32 main gradients when the GEMMs should accumulate into them, else None."""
+    if not cfg.gradient_accumulation_fusion:
+        return None
+    grads = [getattr(w, "main_grad", None) for w in weights]
+    if any(g is None for g in grads):
+        raise ValueError("gradient_accumulation_fusion=True needs every expert weight to carry an fp32 "
+                         "'main_grad' buffer (Megatron's DDP attaches them)")
+    return grads
 
 
-def _bf16_wgrad(g: torch.Tensor, x: torch.Tensor, ends: torch.Tensor, like: Sequence[torch.Tensor]):
-    """dW[e] = g[e]^T @ x[e] for every expert in one grouped GEMM (bf16 out); empty groups give zeros."""
-    if g.shape[0] == 0:
-        return [torch.zeros_like(w) for w in like]
-    grads = torch._grouped_mm(g.t(), x, offs=ends)
-    return [d.to(w.dtype) for d, w in zip(grads.unbind(0), like)]
+def _returned_grads(weights, grads, accumulated: bool):
+    """What autograd gets for the weights. Accumulated into main_grad: Megatron's convention (a
+    dummy gradient and ``grad_added_to_main_grad`` where the weight has that flag, else None)."""
+    if not accumulated:
+        return [g.to(w.dtype) for g, w in zip(grads, weights)]
+    out = []
+    for w in weights:
+        if hasattr(w, "grad_added_to_main_grad"):
+            w.grad_added_to_main_grad = True
+            out.append(torch.empty(w.shape, dtype=w.dtype, device=w.device))  # never read by DDP
+        else:
+            out.append(None)
+    return out
 
 
 class _ExpertMLPFunction(torch.autograd.Function):
+    """The expert block in every mode. The mode families share only this plumbing:
+    :func:`_bf16_forward`/:func:`_bf16_backward` and :func:`_fp8_forward`/:func:`_fp8_backward`."""
+
     @staticmethod
     def forward(ctx, x, probs, cfg: ExpertPrecision, groups: GroupSplits, num_experts: int, fp8_weights, *weights):
-        w1, w2 = weights[:num_experts], weights[num_experts:]
         ctx.cfg, ctx.groups, ctx.num_experts = cfg, groups, num_experts
-        ctx.w_dtypes = [w.dtype for w in weights]
-        x8 = fp8_payload(x)
+        ctx.weights = weights  # parameters: for main_grad and the returned-gradient convention
         probs = probs.float()
         if cfg.mode == "bf16":
-            xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
-            ends = groups.row_offsets[1:]
-            y1 = _bf16_grouped(xb, w1, ends)
-            _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
-            out = _bf16_grouped(h, w2, ends)
-            ctx.save_for_backward(xb, y1, h, probs, ends, *weights)
-            return out
-        fw = fp8_weights if fp8_weights is not None else _quantize_weights(weights, num_experts)
-        w1_8, w2_8 = fw.fc1, fw.fc2
-        ctx.fp8_weights = fp8_weights
-        be = cfg.gemm_backend
-        if cfg.mode == "blockwise":
-            xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
-            x_row, x_col = fp8.quantize_row_and_col(xb, groups)
-            y1 = gemm.grouped_rowwise_gemm(x_row, w1_8, groups, backend=be)
-            _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
-            h_row, h_col = fp8.quantize_row_and_col(h, groups)
-            out = gemm.grouped_rowwise_gemm(h_row, w2_8, groups, backend=be)
-            _drop_if_own(fw, fp8_weights, be, out.device)
-            ctx.saved = (x_col, h_col, fw)
-            ctx.save_for_backward(y1, probs)
-            return out
-        if x8 is None:
-            x8 = fp8.quantize(x)
-        y1, h8, out = _flow_forward(x8, probs, w1_8, w2_8, groups, be)
-        if cfg.recompute_experts:
-            ctx.saved = (x8, None, None)
-            ctx.save_for_backward(probs, *weights)
-        else:
-            _drop_if_own(fw, fp8_weights, be, out.device)
-            ctx.saved = (x8, h8, fw)
-            ctx.save_for_backward(y1, probs)
-        return out
+            return _bf16_forward(ctx, x, probs, cfg, groups, weights, num_experts)
+        return _fp8_forward(ctx, x, probs, cfg, groups, weights, num_experts, fp8_weights)
 
     @staticmethod
     def backward(ctx, dout):
-        cfg, groups, e = ctx.cfg, ctx.groups, ctx.num_experts
+        cfg, weights = ctx.cfg, ctx.weights
+        main = _main_grads(weights, cfg)
         if cfg.mode == "bf16":
-            xb, y1, h, probs, ends, *weights = ctx.saved_tensors
-            w1, w2 = weights[:e], weights[e:]
-            d = dout.bfloat16() if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
-            d = d.contiguous()
-            dh = _bf16_grouped(d, w2, ends, transpose=False)
-            dw2 = _bf16_wgrad(d, h, ends, w2)
-            dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
-            dx = _bf16_grouped(dy1, w1, ends, transpose=False)
-            dw1 = _bf16_wgrad(dy1, xb, ends, w1)
-            return (dx, dprobs, None, None, None, None, *dw1, *dw2)
+            dx, dprobs, grads = _bf16_backward(ctx, dout, main)
+        else:
+            dx, dprobs, grads = _fp8_backward(ctx, dout, main)
+        ctx.weights = None
+        return (dx, dprobs, None, None, None, None, *_returned_grads(weights, grads, main is not None))
 
-        be = cfg.gemm_backend
-        x_saved, h_saved, fw = ctx.saved
-        if cfg.recompute_experts:
-            probs, *weights = ctx.saved_tensors
-            fw = ctx.fp8_weights if ctx.fp8_weights is not None else _quantize_weights(weights, e)
-            y1, h_saved, _ = _flow_forward(x_saved, probs, fw.fc1, fw.fc2, groups, be, need_output=False)
-        else:
-            y1, probs = ctx.saved_tensors
-        if cfg.mode == "blockwise":
-            dout_b = dout if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
-            d_row, d_col = fp8.quantize_row_and_col(dout_b.bfloat16(), groups)
-            x_col, h_col = x_saved, h_saved
-        else:
-            d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout)
-            d_col = _colwise(d_row, groups, cfg)
-        dh = _dgrad(d_row, fw, "fc2", groups, be)
-        if cfg.mode != "blockwise":
-            h_col = _colwise(h_saved, groups, cfg)
-        # Gradients come out in the parameters' dtype (one write, no fp32 copy for bf16 weights).
-        wgrad_dtype = torch.bfloat16 if ctx.w_dtypes[0] == torch.bfloat16 else torch.float32
-        dw2 = gemm.grouped_wgrad(d_col, h_col, backend=be, out_dtype=wgrad_dtype)
-        if cfg.mode == "blockwise":
-            dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
-            dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups)
-        else:
-            with cast_point("fused_quantize"):
-                data, scale, dprobs = swiglu_quant_backward(dh, y1, probs)
-            dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
-            dy1_col = _colwise(dy1_row, groups, cfg)
-            x_col = _colwise(x_saved, groups, cfg)
-        dx = _dgrad(dy1_row, fw, "fc1", groups, be)
-        dw1 = gemm.grouped_wgrad(dy1_col, x_col, backend=be, out_dtype=wgrad_dtype)
-        dtypes = ctx.w_dtypes
-        grads = [g.to(dt) for g, dt in zip(list(dw1) + list(dw2), dtypes)]
-        return (dx, dprobs, None, None, None, None, *grads)
+
+def _bf16_forward(ctx, x, probs, cfg, groups, weights, e):
+    x8 = fp8_payload(x)
+    xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
+    engine = bf16_gemm.resolve_engine(cfg.bf16_gemm, xb.device, groups.host_sizes())
+    w1 = gemm.stacked_view_or_copy([w.bfloat16() for w in weights[:e]])
+    w2 = gemm.stacked_view_or_copy([w.bfloat16() for w in weights[e:]])
+    y1 = bf16_gemm.grouped_mm(xb, w1, groups, engine)
+    _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
+    out = bf16_gemm.grouped_mm(h, w2, groups, engine)
+    ctx.engine = engine
+    ctx.save_for_backward(xb, y1, h, probs, w1, w2)
+    return out
+
+
+def _bf16_backward(ctx, dout, main):
+    xb, y1, h, probs, w1, w2 = ctx.saved_tensors
+    groups, e, engine, weights = ctx.groups, ctx.num_experts, ctx.engine, ctx.weights
+    payload = fp8_payload(dout)
+    d = (dout.bfloat16() if payload is None else payload.dequantize(torch.bfloat16)).contiguous()
+    dh = bf16_gemm.grouped_mm(d, w2, groups, engine, transpose=False)
+    dw2 = bf16_gemm.grouped_wgrad(d, h, groups, engine, main[e:] if main else None, weights[e:])
+    dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
+    dx = bf16_gemm.grouped_mm(dy1, w1, groups, engine, transpose=False)
+    dw1 = bf16_gemm.grouped_wgrad(dy1, xb, groups, engine, main[:e] if main else None, weights[:e])
+    return dx, dprobs, list(dw1) + list(dw2)
+
+
+def _fp8_forward(ctx, x, probs, cfg, groups, weights, e, fp8_weights):
+    # One backend for the whole call, and the column-wise storage its wgrad reads.
+    impl = gemm.backend_for_groups(cfg.gemm_backend, probs.device, groups.host_sizes())
+    ctx.backend = be = impl.name
+    ctx.col_storage = impl.layouts(probs.device).colwise_storage
+    x8 = fp8_payload(x)
+    fw = fp8_weights if fp8_weights is not None else _quantize_weights(weights, e)
+    ctx.fp8_weights = fp8_weights
+    if cfg.mode == "blockwise":
+        xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
+        x_row, x_col = fp8.quantize_row_and_col(xb, groups, col_storage=ctx.col_storage)
+        y1 = gemm.grouped_rowwise_gemm(x_row, fw.fc1, groups, backend=be)
+        _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
+        h_row, h_col = fp8.quantize_row_and_col(h, groups, col_storage=ctx.col_storage)
+        out = gemm.grouped_rowwise_gemm(h_row, fw.fc2, groups, backend=be)
+        _drop_if_own(fw, fp8_weights, be, out.device)
+        ctx.saved = (x_col, h_col, fw)
+        ctx.save_for_backward(y1, probs)
+        return out
+    if x8 is None:
+        x8 = fp8.quantize(x)
+    y1, h8, out = _flow_forward(x8, probs, fw.fc1, fw.fc2, groups, be)
+    if cfg.recompute_experts:
+        ctx.saved = (x8, None, None)
+        ctx.save_for_backward(probs)
+    else:
+        _drop_if_own(fw, fp8_weights, be, out.device)
+        ctx.saved = (x8, h8, fw)
+        ctx.save_for_backward(y1, probs)
+    return out
+
+
+def _fp8_backward(ctx, dout, main):
+    cfg, groups, e, be, storage = ctx.cfg, ctx.groups, ctx.num_experts, ctx.backend, ctx.col_storage
+    x_saved, h_saved, fw = ctx.saved
+    ctx.saved = None
+    if cfg.recompute_experts:
+        (probs,) = ctx.saved_tensors
+        fw = ctx.fp8_weights if ctx.fp8_weights is not None else _quantize_weights(ctx.weights, e)
+        y1, h_saved, _ = _flow_forward(x_saved, probs, fw.fc1, fw.fc2, groups, be, need_output=False)
+    else:
+        y1, probs = ctx.saved_tensors
+    if cfg.mode == "blockwise":
+        dout_b = dout if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
+        d_row, d_col = fp8.quantize_row_and_col(dout_b.bfloat16(), groups, col_storage=storage)
+        x_col, h_col = x_saved, h_saved
+    else:
+        d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout)
+        d_col = _colwise(d_row, groups, cfg, storage)
+        h_col = _colwise(h_saved, groups, cfg, storage)
+    dh = _dgrad(d_row, fw, "fc2", groups, be)
+    # Gradients come out in the parameters' dtype (one write, no fp32 copy for bf16 weights),
+    # or are added into the fp32 main gradients by the GEMM.
+    wgrad_dtype = torch.bfloat16 if ctx.weights[0].dtype == torch.bfloat16 else torch.float32
+    dw2 = gemm.grouped_wgrad(d_col, h_col, accumulate_into=main[e:] if main else None, backend=be,
+                             out_dtype=wgrad_dtype)
+    del d_col, h_col
+    if cfg.mode == "blockwise":
+        dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
+        dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups, col_storage=storage)
+    else:
+        with cast_point("fused_quantize"):
+            data, scale, dprobs = swiglu_quant_backward(dh, y1, probs)
+        dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
+        dy1_col = _colwise(dy1_row, groups, cfg, storage)
+        x_col = _colwise(x_saved, groups, cfg, storage)
+    dx = _dgrad(dy1_row, fw, "fc1", groups, be)
+    dw1 = gemm.grouped_wgrad(dy1_col, x_col, accumulate_into=main[:e] if main else None, backend=be,
+                             out_dtype=wgrad_dtype)
+    return dx, dprobs, list(dw1) + list(dw2)
 
 
 class _FP8Weights:
@@ -253,18 +297,18 @@ class _FP8Weights:
 def _drop_if_own(fw: "_FP8Weights", cached: Optional["_FP8Weights"], backend: str, device) -> None:
     """Drop the forward copies of a set this call made (a cached set serves later microbatches)
     when the backward takes transposed copies."""
-    if cached is None and gemm.resolve_backend(backend, device) != "triton":
+    if cached is None and gemm.dgrad_weights(backend, device) == "transposed":
         fw.drop_forward_copies()
 
 
 def _dgrad(grad: BlockwiseFP8Tensor, fw: _FP8Weights, which: str, groups: GroupSplits, backend: str):
-    """grad @ W for every group: Triton reads the forward weights transposed in place, cuBLAS and
-    the emulation take the transposed copies (the only ones left once the forward copies are
-    dropped: then ``fw.fc1``/``fc2`` is None)."""
+    """grad @ W for every group, with the weights the backend's dgrad reads: the forward weights
+    (read transposed in place) or the transposed copies (the only ones left once the forward
+    copies are dropped: then ``fw.fc1``/``fc2`` is None)."""
     forward = getattr(fw, which)
-    if forward is not None and (not forward or gemm.resolve_backend(backend, grad.device) == "triton"):
-        return gemm.grouped_rowwise_gemm(grad, forward, groups, backend=backend, transpose_weights=True)
-    return gemm.grouped_rowwise_gemm(grad, fw.transposed(which), groups, backend=backend)
+    if forward is not None and (not forward or gemm.dgrad_weights(backend, grad.device) == "forward"):
+        return gemm.grouped_dgrad(grad, forward, groups, backend=backend)
+    return gemm.grouped_dgrad(grad, fw.transposed(which), groups, backend=backend)
 
 
 def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
@@ -292,11 +336,12 @@ def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
     return y1, h8, out
 
 
-def _colwise(t: BlockwiseFP8Tensor, groups: GroupSplits, cfg: ExpertPrecision) -> BlockwiseFP8Tensor:
-    """Column-wise copy of a saved row-wise FP8 tensor: SAT (flow) or dequantize+requantize."""
+def _colwise(t: BlockwiseFP8Tensor, groups: GroupSplits, cfg: ExpertPrecision, storage) -> BlockwiseFP8Tensor:
+    """Column-wise copy of a saved row-wise FP8 tensor, in the storage the wgrad GEMM reads:
+    SAT (flow) or dequantize + requantize (flow_double_quant)."""
     if cfg.mode == "flow":
-        return fp8.scaling_aware_transpose(t, groups, variant=cfg.sat_variant)
-    return fp8.quantize(t.dequantize(), "colwise", m_splits=groups)
+        return fp8.scaling_aware_transpose(t, groups, variant=cfg.sat_variant, storage=storage)
+    return fp8.quantize(t.dequantize(), "colwise", m_splits=groups, col_storage=storage)
 
 
 class _WeightList(nn.Module):

@@ -1,0 +1,238 @@
+"""The DeepGEMM engine: the layouts our kernels write for it (CPU, interpreted) and the backend
+itself against the emulation (Hopper with ``deep_gemm`` only)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_fp8flow import fp8, gemm
+from megatron_fp8flow.fp8.format import GroupSplits, per_group_from_side_by_side, side_by_side_from_per_group
+from megatron_fp8flow.gemm import deepgemm
+from megatron_fp8flow.moe import ExpertPrecision, FP8FlowGroupedMLP
+
+from conftest import HAS_CUDA, make_activations
+
+HAS_DEEPGEMM = importlib.util.find_spec("deep_gemm") is not None
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+needs_deepgemm = [pytest.mark.gpu, pytest.mark.skipif(not (HOPPER and HAS_DEEPGEMM),
+                                                      reason="needs a Hopper GPU and the deep_gemm module")]
+
+
+# -- layouts (every device; the kernels run interpreted on CPU) ----------------------------------
+@pytest.mark.parametrize("sizes, k", [([0, 130, 4, 0, 256], 256), ([12, 0, 132, 8], 384), ([7, 0, 129], 130),
+                                      ([256, 0, 0], 128)])
+@pytest.mark.parametrize("variant", ["column", "tile"])
+def test_sat_per_group_storage_is_the_side_by_side_bytes_regrouped(sizes, k, variant):
+    """SAT into per-group storage writes exactly the side-by-side codes, each group's [K, m_g]
+    block contiguous at K * start_g (word, packed and byte kernels; empty groups; partial
+    blocks), with the same scales, and equals the plain-PyTorch reference re-laid out."""
+    q = fp8.quantize(make_activations(sum(sizes), k, "heavy", seed=sum(sizes) + k, device=DEV).bfloat16())
+    side = fp8.scaling_aware_transpose(q, sizes, variant=variant)
+    per = fp8.scaling_aware_transpose(q, sizes, variant=variant, storage="per_group")
+    assert per.col_storage == fp8.ColStorage.PER_GROUP and per.data.shape == (k * sum(sizes),)
+    assert torch.equal(per_group_from_side_by_side(side.data, sizes).view(torch.uint8), per.data.view(torch.uint8))
+    assert torch.equal(per.scale_inv, side.scale_inv)
+    ref = fp8.scaling_aware_transpose(q, sizes, variant=variant, storage="per_group", backend="reference")
+    assert torch.equal(ref.data.view(torch.uint8), per.data.view(torch.uint8))
+    for blk, start, rows in zip(fp8.group_column_blocks(per), [sum(sizes[:i]) for i in range(len(sizes))], sizes):
+        assert torch.equal(blk.view(torch.uint8), side.data[:, start:start + rows].view(torch.uint8))
+    assert torch.equal(side_by_side_from_per_group(per.data, k, sizes).view(torch.uint8), side.data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_colwise_quantize_per_group_storage(dtype):
+    """The column-wise quantizers (fused and word kernels) write the per-group storage too."""
+    sizes, k = [0, 64, 130, 0, 16], 256
+    x = make_activations(sum(sizes), k, "outlier", seed=5, device=DEV).to(dtype)
+    side = fp8.quantize(x, "colwise", sizes)
+    per = fp8.quantize(x, "colwise", sizes, col_storage="per_group")
+    assert torch.equal(per_group_from_side_by_side(side.data, sizes).view(torch.uint8), per.data.view(torch.uint8))
+    row, col = fp8.quantize_row_and_col(x, sizes, col_storage="per_group")
+    assert torch.equal(col.data.view(torch.uint8), per.data.view(torch.uint8))
+    assert torch.equal(col.dequantize(), side.dequantize())
+
+
+def test_row_group_index_and_mn_major_scales():
+    """The per-row group index (built on the device, kept with the groups) and the TMA-aligned
+    MN-major scale layout (values unchanged, strides (1, M rounded up to 4), no copy when the
+    scales already have it)."""
+    sizes = [0, 128, 0, 256, 128]
+    groups = GroupSplits.build(sizes, sum(sizes), DEV)
+    idx = groups.row_group_index()
+    assert idx.dtype == torch.int32 and idx is groups.row_group_index()
+    assert torch.equal(idx.cpu(), torch.repeat_interleave(torch.arange(5, dtype=torch.int32), torch.tensor(sizes)))
+    for m in (6, 8, 512):
+        s = torch.rand(m, 3, device=DEV)
+        t = deepgemm.mn_major_scales(s)
+        assert torch.equal(t, s) and t.stride() == (1, -(-m // 4) * 4)
+        assert deepgemm.mn_major_scales(t) is t
+
+
+def test_emulated_wgrad_reads_both_storages():
+    sizes, n, k = [0, 48, 16, 130], 256, 384
+    g = fp8.quantize(make_activations(sum(sizes), n, seed=7, device=DEV).bfloat16())
+    x = fp8.quantize(make_activations(sum(sizes), k, "heavy", seed=8, device=DEV).bfloat16())
+    side = gemm.grouped_wgrad(fp8.scaling_aware_transpose(g, sizes), fp8.scaling_aware_transpose(x, sizes),
+                              backend="emulated")
+    per = gemm.grouped_wgrad(fp8.scaling_aware_transpose(g, sizes, storage="per_group"),
+                             fp8.scaling_aware_transpose(x, sizes, storage="per_group"), backend="emulated")
+    for a, b in zip(side, per):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one column-wise storage"):
+        gemm.grouped_wgrad(fp8.scaling_aware_transpose(g, sizes), fp8.scaling_aware_transpose(x, sizes, storage="per_group"),
+                           backend="emulated")
+
+
+@pytest.mark.skipif(HAS_DEEPGEMM, reason="deep_gemm is installed here")
+def test_deepgemm_missing_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"deep_gemm.*pip install --no-build-isolation deepinfer-gemm"):
+        gemm.resolve_backend("deepgemm", DEV)
+    if not HAS_CUDA:
+        assert gemm.resolve_backend("auto", DEV) == "emulated"
+
+
+# -- the backend on the GPU --------------------------------------------------------------------
+def _stacked(n, k, count, seed):
+    data = torch.empty(count, n, k, dtype=fp8.FP8_DTYPE, device=DEV)
+    scale = torch.empty(count, n // 128, k // 128, device=DEV)
+    return [fp8.quantize_weight(make_activations(n, k, "outlier", seed=seed + i, device=DEV) * 0.05,
+                                out=(data[i], scale[i])) for i in range(count)]
+
+
+def _bound(a64, b64, out):
+    """|fp32-promoted FP8 product - fp64| (fp32 sums, tensor-core partial sums of ~14 bits
+    inside each 128-deep block, DeepSeek-V3 sec. 3.3.2) plus the bf16 rounding of the output."""
+    mag = a64.abs() @ b64.abs().t()
+    return a64.shape[1] * 2.0**-23 * mag + 128 * 2.0**-13 * mag + out.abs() * 2.0**-8 + 1e-30
+
+
+ROUTINGS = {"empty experts": [0, 256, 0, 384, 128], "one expert": [0, 0, 1024, 0],
+            "skewed": [768, 128, 0, 256, 128, 128]}
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("n, k", [(512, 384), (256, 1024)])
+def test_deepgemm_rowwise_matches_fp64(routing, n, k):
+    """fprop and dgrad (transposed copies) against the exactly dequantized operands in fp64;
+    padding rows (zero codes, the permutation's output) give zero rows."""
+    sizes = ROUTINGS[routing]
+    m = sum(sizes)
+    x = make_activations(m, k, "heavy", seed=m + n, device=DEV)
+    pads = torch.zeros(m, dtype=torch.bool, device=DEV)
+    start = 0
+    for rows in sizes:  # the last 40 rows of every group are padding, as the permutation writes them
+        if rows:
+            pads[start + rows - 40: start + rows] = True
+        start += rows
+    x[pads] = 0
+    a = fp8.quantize(x.bfloat16())
+    ws = _stacked(n, k, len(sizes), seed=3)
+    out = gemm.grouped_rowwise_gemm(a, ws, sizes, backend="deepgemm")
+    ref = gemm.grouped_rowwise_gemm(a, ws, sizes, backend="emulated", out_dtype=torch.float32)
+    ad, start = a.dequantize().double(), 0
+    for rows, w in zip(sizes, ws):
+        if rows:
+            wd, sl = w.dequantize().double(), slice(start, start + rows)
+            assert (((out[sl].double() - ad[sl] @ wd.t()).abs()) <= _bound(ad[sl], wd, out[sl].double())).all()
+        start += rows
+    assert torch.count_nonzero(out[pads]) == 0
+    assert float(torch.linalg.norm(out.double() - ref.double()) / torch.linalg.norm(ref.double())) < 5e-3
+    g = fp8.quantize(make_activations(m, n, seed=m, device=DEV).bfloat16())
+    dgrad = gemm.grouped_rowwise_gemm(g, ws, sizes, backend="deepgemm", transpose_weights=True)
+    dref = gemm.grouped_rowwise_gemm(g, ws, sizes, backend="emulated", transpose_weights=True, out_dtype=torch.float32)
+    assert float(torch.linalg.norm(dgrad.double() - dref.double()) / torch.linalg.norm(dref.double())) < 5e-3
+    again = gemm.grouped_rowwise_gemm(a, ws, sizes, backend="deepgemm")
+    assert torch.equal(again, out)  # the same bits twice
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("method", ["k_grouped", "dense", "cublas"])
+def test_deepgemm_wgrad_candidates_match_emulation(routing, method):
+    """Every wgrad candidate, accumulating into fp32 main gradients (one stacked buffer, so the
+    k-grouped kernel accumulates in place) and written once in bf16, against the emulation.
+    Bound: fp32 accumulation over the tokens, relative 1e-3 (measured ~1e-4)."""
+    sizes = ROUTINGS[routing]
+    m, n, k = sum(sizes), 256, 384
+    g = fp8.quantize(make_activations(m, n, seed=11, device=DEV).bfloat16())
+    x = fp8.quantize(make_activations(m, k, "outlier", seed=12, device=DEV).bfloat16())
+    gc, xc = (fp8.scaling_aware_transpose(t, sizes, storage="per_group") for t in (g, x))
+    ref = gemm.grouped_wgrad(gc, xc, backend="emulated")
+    backend = deepgemm.DeepGemmBackend(wgrad_method=method)
+    groups = gc.groups
+    start = torch.randn(len(sizes), n, k, device=DEV)
+    main = start.clone()
+    got = backend.wgrad(gc, xc, groups, list(main.unbind(0)), torch.float32)
+    for i, rows in enumerate(sizes):
+        assert got[i].data_ptr() == main[i].data_ptr()
+        if rows:
+            assert float(torch.linalg.norm(main[i] - start[i] - ref[i]) / torch.linalg.norm(ref[i])) < 1e-3
+        else:
+            assert torch.equal(main[i], start[i])  # an empty expert leaves its gradient untouched
+    once = backend.wgrad(gc, xc, groups, None, torch.bfloat16)
+    for i, rows in enumerate(sizes):
+        assert once[i].dtype == torch.bfloat16
+        if rows:
+            assert float(torch.linalg.norm(once[i].float() - ref[i]) / torch.linalg.norm(ref[i])) < 1e-2
+        else:
+            assert torch.count_nonzero(once[i]) == 0
+
+
+@pytest.mark.parametrize("mode", ["blockwise", "flow_double_quant", "flow"])
+def test_deepgemm_block_matches_emulated_and_accumulates_main_grad(mode):
+    """The whole block on DeepGEMM against the emulation (only accumulation order differs); with
+    gradient_accumulation_fusion the weight gradients land in fp32 main_grad and autograd gets none."""
+    sizes, h, f = [0, 256, 128, 384], 512, 256
+    torch.manual_seed(0)
+    mods = {be: FP8FlowGroupedMLP(len(sizes), h, f, ExpertPrecision(mode=mode, gemm_backend=be), dtype=torch.float32,
+                                  device=DEV) for be in ("emulated", "deepgemm")}
+    mods["deepgemm"].load_state_dict(mods["emulated"].state_dict())
+    x = torch.randn(sum(sizes), h, device=DEV).bfloat16()
+    probs = torch.rand(sum(sizes), device=DEV)
+    dout = torch.randn(sum(sizes), h, device=DEV).bfloat16()
+    res = {}
+    for be, mod in mods.items():
+        xr = x.clone().requires_grad_(True)
+        out = mod(xr, sizes, probs)
+        out.backward(dout)
+        res[be] = [out, xr.grad] + [p.grad for p in mod.parameters()]
+    for i, (p, q) in enumerate(zip(res["deepgemm"], res["emulated"])):
+        rel = float(torch.linalg.norm(p.double() - q.double()) / (torch.linalg.norm(q.double()) + 1e-30))
+        assert rel <= 2e-2, f"{mode} tensor {i}: {rel}"
+    fused = FP8FlowGroupedMLP(len(sizes), h, f, ExpertPrecision(mode=mode, gemm_backend="deepgemm",
+                                                                gradient_accumulation_fusion=True),
+                              dtype=torch.float32, device=DEV)
+    fused.load_state_dict(mods["emulated"].state_dict())
+    params = list(fused.parameters())
+    main = torch.zeros(len(params), *params[0].shape, device=DEV) if len({p.shape for p in params}) == 1 else None
+    for i, p in enumerate(params):
+        p.main_grad = torch.zeros(p.shape, device=DEV) if main is None else main[i]
+    fused(x.clone().requires_grad_(True), sizes, probs).backward(dout)
+    for p, q in zip(params, mods["deepgemm"].parameters()):
+        assert p.grad is None
+        assert float(torch.linalg.norm(p.main_grad - q.grad.float()) / (torch.linalg.norm(q.grad.float()) + 1e-30)) < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["bf16", "flow"])
+def test_deepgemm_block_never_synchronizes(mode):
+    """Forward + backward on DeepGEMM (bf16 mode: its bf16 grouped GEMMs) issue no host sync."""
+    sizes, h, f = [128, 0, 256, 128], 512, 256
+    mod = FP8FlowGroupedMLP(len(sizes), h, f, ExpertPrecision(mode=mode, gemm_backend="deepgemm",
+                                                              bf16_gemm="deepgemm"), device=DEV)
+    x = torch.randn(sum(sizes), h, device=DEV).bfloat16()
+    probs = torch.rand(sum(sizes), device=DEV)
+    mod(x.clone().requires_grad_(True), sizes, probs).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mod(x.clone().requires_grad_(True), sizes, probs).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+for _name in list(globals()):
+    if _name.startswith("test_deepgemm_") and _name != "test_deepgemm_missing_is_a_clear_error":
+        for _mark in needs_deepgemm:
+            globals()[_name] = _mark(globals()[_name])
