@@ -119,7 +119,16 @@ def analyze(kind: str, m: int, k: int, groups: int, seed: int, device) -> Numeri
     )
 
 
+def check_args(m: int, k: int, groups: int) -> None:
+    """Sizes the report can use (zero rows or columns give 0/0 = NaN errors; one group would be
+    the empty one): ValueError naming the argument otherwise."""
+    for name, value, low in (("m", m, 1), ("k", k, 1), ("groups", groups, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} = {value!r}: expected an integer >= {low}")
+
+
 def run(m: int = 2048, k: int = 1024, groups: int = 8, seed: int = 0, device=None) -> list:
+    check_args(m, k, groups)
     if device is None:
         if torch.cuda.is_available():
             device = torch.device("cuda")

@@ -87,7 +87,11 @@ def _read(path: Path, seen: tuple) -> Recipe:
     return Recipe(path.stem, {**base.args, **data}, {**base.fp8flow, **fp8}, [str(path), *base.sources])
 
 
-def validate(recipe: Recipe) -> Recipe:
+def validate(recipe: Recipe, overridden=()) -> Recipe:
+    """Check every key and value (``overridden``: the keys given by ``--set``, named so in errors);
+    the values' types and ranges come from :data:`megatron_fp8flow.validation.RECIPE_VALUES`."""
+    from ..validation import as_text, check_recipe_values
+
     known = _known_args()
     where = recipe.sources[0] if recipe.sources else recipe.name
     for key, value in recipe.args.items():
@@ -95,13 +99,15 @@ def validate(recipe: Recipe) -> Recipe:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             releases = ", ".join(megatron_arg_names())
-            raise RecipeError(f"{where}: unknown Megatron argument {key!r} (not a pretrain_gpt argument of "
-                              f"Megatron-LM {releases}){hint}")
+            source = f"--set {key}={as_text(value)}" if key in overridden else where
+            raise RecipeError(f"{source}: unknown Megatron argument {key!r} "
+                              f"(not a pretrain_gpt argument of Megatron-LM {releases}){hint}")
         if isinstance(value, dict):
             raise RecipeError(f"{where}: {key!r} must be a value or a list, not a map")
     for key in recipe.fp8flow:
         if key not in FP8FLOW_KEYS:
             raise RecipeError(f"{where}: unknown fp8flow setting {key!r}; expected one of {sorted(FP8FLOW_KEYS)}")
+    check_recipe_values(recipe.args, recipe.fp8flow, where, overridden)
     if recipe.fp8flow_enabled:
         from ..megatron.settings import FP8FlowSettings
 
@@ -121,7 +127,7 @@ def load_recipe(name_or_path: Union[str, Path], overrides: Optional[Dict[str, An
             recipe.fp8flow[key.split(".", 1)[1]] = value
         else:
             recipe.args[key] = value
-    return validate(recipe)
+    return validate(recipe, overridden=frozenset(overrides or {}))
 
 
 def parse_override(text: str) -> tuple:
@@ -129,7 +135,12 @@ def parse_override(text: str) -> tuple:
     if "=" not in text:
         raise RecipeError(f"--set takes key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    if not key.strip():
+        raise RecipeError(f"--set {text}: the key is missing; expected key=value, e.g. --set train_iters=100")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 # Megatron parses these from one Python list literal ("[0,1,1]"), not from several values.

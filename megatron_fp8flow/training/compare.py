@@ -10,11 +10,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..recipes import load_recipe
+from ..recipes import Recipe, load_recipe
+from ..validation import PRECISION_MODES, UsageError, fresh_results_dir
 from .checkpoint import per_precision_dirs
-from .loop import StepLog, train
 
-PRECISION_MODES = {"bf16": "bf16", "blockwise": "blockwise", "fp8flow": "flow", "flow": "flow"}
+# The compact loop (.loop) imports Megatron-Core; it is imported where training starts, so that
+# merging results (fp8flow compare) needs neither Megatron nor its import time.
 
 
 def demo_recipe() -> str:
@@ -38,21 +39,45 @@ def device_description() -> str:
 DEMO_GPU_STEPS = 200  # the demo's default length on a GPU (the recipe's 2000 are the convergence run)
 
 
+def check_recipes(recipe_name: str, precisions: Sequence[str], steps: Optional[int] = None,
+                  overrides: Optional[dict] = None, world: Optional[int] = None) -> Dict[str, Recipe]:
+    """Each precision's recipe, loaded and checked for the compact loop on ``world`` processes
+    (default: WORLD_SIZE) before anything trains; RecipeError/UsageError name the problem."""
+    unknown = [p for p in precisions if p not in PRECISION_MODES]
+    if unknown or not precisions:
+        raise UsageError(f"precisions {','.join(precisions)}: expected one or more of "
+                         f"{', '.join(sorted(PRECISION_MODES))}")
+    from .loop import check_run
+
+    recipes = {}
+    for precision in precisions:
+        recipe = per_precision_dirs(load_recipe(recipe_name, {**(overrides or {}), "fp8flow.enabled": True,
+                                                              "fp8flow.mode": PRECISION_MODES[precision]}), precision)
+        check_run(recipe, steps, world)
+        recipes[precision] = recipe
+    return recipes
+
+
 def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps: Optional[int] = None,
         overrides: Optional[dict] = None, out_dir: str = "fp8flow_results", echo=print) -> Dict[str, dict]:
     """Train the recipe once per precision; under torchrun every rank trains and rank 0 reports
-    (returns the results on rank 0, None on the others)."""
+    (returns the results on rank 0, None on the others). Every precision's recipe is loaded and
+    checked before the first one trains. Results are never written over: when ``out_dir`` holds
+    files already, they go to ``out_dir-2`` (or -3, ...), and ``echo`` says so."""
+    from .loop import StepLog, train
+
     lead = int(os.environ.get("RANK", 0)) == 0
     if not lead:
         echo = _silent
-    os.makedirs(out_dir, exist_ok=True)
+    recipes = check_recipes(recipe_name, precisions, steps, overrides)
+    if lead:
+        out_dir, moved = fresh_results_dir(out_dir)
+        if moved:
+            echo(f"{out_dir}: the results go here (the directory asked for holds files already; --out names another)")
+        os.makedirs(out_dir, exist_ok=True)
     results = {}
-    for precision in precisions:
-        if precision not in PRECISION_MODES:
-            raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(PRECISION_MODES)}")
-        recipe = per_precision_dirs(load_recipe(recipe_name, {**(overrides or {}), "fp8flow.enabled": True,
-                                                              "fp8flow.mode": PRECISION_MODES[precision]}), precision)
-        total = steps or recipe.args.get("train_iters", 100)
+    for precision, recipe in recipes.items():
+        total = steps if steps is not None else recipe.args.get("train_iters", 100)
 
         def progress(rec: StepLog, p=precision, total=total):
             val = f"  val {rec.val_loss:.4f}" if rec.val_loss is not None else ""
@@ -76,32 +101,55 @@ def _silent(*_args, **_kwargs) -> None:
 
 
 def merge(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] = None,
-          smooth: int = 1) -> Dict[str, dict]:
+          smooth: int = 1, echo=print) -> Dict[str, dict]:
     """Results of runs made apart (e.g. one precision per GPU, side by side) as one comparison:
     compare.json and loss_curves.png in ``out_dir``. ``labels`` names each directory's run
     instead of its precision (each directory then holds one run): repeats of one precision, e.g.
-    "bf16,fp8flow,bf16 repeat", compare as runs of their own."""
+    "bf16,fp8flow,bf16 repeat", compare as runs of their own. Every input is read before
+    anything is written; a non-empty ``out_dir`` is not written over (``out_dir-2``, ... instead,
+    said by ``echo``)."""
     results: Dict[str, dict] = {}
     if labels is not None and len(labels) != len(dirs):
-        raise ValueError(f"{len(labels)} labels for {len(dirs)} directories")
+        raise UsageError(f"{len(labels)} labels for {len(dirs)} directories")
     for i, d in enumerate(dirs):
-        with open(os.path.join(d, "compare.json")) as fh:
-            runs = json.load(fh)
+        runs = read_results(d)
         if labels is not None:
             if len(runs) != 1:
-                raise ValueError(f"{d} holds {len(runs)} runs ({', '.join(runs)}); a label names one")
+                raise UsageError(f"{d} holds {len(runs)} runs ({', '.join(runs)}); a label names one")
             runs = {labels[i]: next(iter(runs.values()))}
         for name, r in runs.items():
             if name in results:
-                raise ValueError(f"run {name!r} is in more than one of {list(dirs)}; label them apart (labels=)")
+                raise UsageError(f"run {name!r} is in more than one of {list(dirs)}; label them apart (labels=)")
             results[name] = r
     if not results:
-        raise ValueError(f"no results in {list(dirs)}")
+        raise UsageError(f"no results in {list(dirs)}")
+    out_dir, moved = fresh_results_dir(out_dir)
+    if moved:
+        echo(f"{out_dir}: the merged results go here (the directory asked for holds files already; --out names "
+             "another)")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compare.json"), "w") as fh:
         json.dump(results, fh, indent=1)
     plot(results, os.path.join(out_dir, "loss_curves.png"), next(iter(results.values()))["recipe"], smooth)
     return results
+
+
+def read_results(directory: str) -> Dict[str, dict]:
+    """The runs in ``directory``/compare.json (what ``fp8flow train --out`` writes); UsageError,
+    naming the directory, when it is missing or is not such a file."""
+    path = os.path.join(directory, "compare.json")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{directory}: no such directory (expected an output directory of fp8flow train --out)")
+    if not os.path.isfile(path):
+        raise UsageError(f"{directory}: holds no compare.json (expected an output directory of fp8flow train --out)")
+    try:
+        with open(path) as fh:
+            runs = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path}: cannot be read as JSON ({err})") from None
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and r.get("history") for r in runs.values()):
+        raise UsageError(f"{path}: not the results of fp8flow train (expected precision -> run with a history)")
+    return runs
 
 
 def smoothed(losses: Sequence[float], window: int) -> List[float]:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..megatron.settings import FP8FlowSettings
-from ..recipes import Recipe
+from ..recipes import Recipe, RecipeError
 from . import checkpoint
 from .model import build_model
 from .text import ByteBatches, read_indexed_datasets, split_fractions
@@ -73,13 +73,51 @@ def _peak_memory_gb() -> float:
 def _check_layout(args, world: int) -> None:
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if args.get(key, 1) not in (1, None):
-            raise ValueError(f"the compact loop runs expert parallelism only: {key} = {args[key]} needs Megatron-LM's "
-                             "pretrain (python -m megatron_fp8flow.pretrain_gpt)")
+            raise RecipeError(f"the compact loop runs expert parallelism only: {key} = {args[key]} needs Megatron-LM's "
+                              "pretrain (python -m megatron_fp8flow.pretrain_gpt)")
     ep = args.get("expert_model_parallel_size", 1) or 1
     if ep != world:
-        raise ValueError(f"the compact loop runs EP = number of processes: expert_model_parallel_size = {ep} with "
-                         f"{world} process(es); launch {ep} (fp8flow train --nproc {ep}) or set "
-                         f"expert_model_parallel_size={world}")
+        raise RecipeError(f"the compact loop runs EP = number of processes: expert_model_parallel_size = {ep} with "
+                          f"{world} process(es); launch {ep} (fp8flow train --nproc {ep}) or set "
+                          f"expert_model_parallel_size={world}")
+
+
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length")
+
+
+def check_run(recipe: Recipe, steps: Optional[int] = None, world: Optional[int] = None) -> None:
+    """What the compact loop needs from a recipe (already checked key by key when it was
+    loaded), checked before anything is built: ``steps``, the model keys it reads, the parallel
+    layout, the batch split over ``world`` processes (default: WORLD_SIZE), the data files, and
+    Megatron-Core's own TransformerConfig checks. Raises RecipeError naming the key."""
+    args = recipe.args
+    where = recipe.sources[0] if recipe.sources else recipe.name
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise RecipeError(f"steps = {steps!r}: must be a positive integer (1, 2, ...)")
+    missing = [k for k in REQUIRED if args.get(k) is None]
+    if missing:
+        raise RecipeError(f"{where}: the compact loop needs {', '.join(missing)} (not set)")
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
+    _check_layout(args, world)
+    micro, glob = args.get("micro_batch_size", 1), args.get("global_batch_size", args.get("micro_batch_size", 1))
+    if glob % (micro * world):
+        raise RecipeError(f"global_batch_size {glob} must be a multiple of micro_batch_size x processes = "
+                          f"{micro} x {world}")
+    if args.get("eval_interval") and args.get("eval_iters", 4) < 1:
+        raise RecipeError(f"eval_iters = {args['eval_iters']} with eval_interval = {args['eval_interval']}: the "
+                          "validation loss needs eval_iters >= 1 (or leave eval_interval out)")
+    paths = args.get("data_path")
+    for prefix in ([paths] if isinstance(paths, str) else paths or []):
+        for ext in (".bin", ".idx"):
+            if isinstance(prefix, str) and not os.path.isfile(prefix + ext):
+                raise RecipeError(f"data_path = {prefix}: {prefix + ext} not found (make one with "
+                                  f"`fp8flow data {prefix}`)")
+    from .model import config_class, config_kwargs
+
+    try:  # Megatron's own checks of the model settings, without building the model
+        config_class(args)(**config_kwargs(args))
+    except (AssertionError, ValueError, TypeError) as err:
+        raise RecipeError(f"{where}: Megatron-Core's TransformerConfig refuses these settings: {err}") from None
 
 
 def _is_expert(param) -> bool:
@@ -148,6 +186,7 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
     With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
     algorithms only (an op without one raises, naming itself): without it, atomics in a few
     backward ops make two GPU runs of one seed drift apart. (Not yet run on a GPU.)"""
+    check_run(recipe, steps)
     if not recipe.args.get("deterministic_mode"):
         return _train(recipe, steps, seed, on_log, keep_model)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
@@ -183,16 +222,19 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                             weight_decay=args.get("weight_decay", 0.0))
     micro, glob = args.get("micro_batch_size", 1), args.get("global_batch_size", args.get("micro_batch_size", 1))
     if glob % (micro * world):
-        raise ValueError(f"global_batch_size {glob} must be a multiple of micro_batch_size x processes = "
-                         f"{micro} x {world}")
+        raise RecipeError(f"global_batch_size {glob} must be a multiple of micro_batch_size x processes = "
+                          f"{micro} x {world}")
     accumulate = glob // (micro * world)
-    total = steps or args.get("train_iters", 100)
+    total = steps if steps is not None else args.get("train_iters", 100)
     data = _batches(args, micro, seed + 1000 * rank)
     mode = getattr(settings, "mode", None)
     run_args = {**args, "train_iters": total}  # a checkpoint belongs to this schedule's length
     start, history = 0, []
     if args.get("load"):
-        start, history = checkpoint.load(args["load"], rank, world, run_args, mode, model, master, opt, data)
+        try:
+            start, history = checkpoint.load(args["load"], rank, world, run_args, mode, model, master, opt, data)
+        except (ValueError, FileNotFoundError) as err:  # a checkpoint of another run, or an incomplete one
+            raise RecipeError(f"load = {args['load']}: {err}") from err
     # Megatron's exit_interval: stop after the next step that is a multiple of it, on the full
     # run's learning-rate schedule (one part of a longer run; resume it with load).
     exit_every = args.get("exit_interval")
