@@ -183,8 +183,8 @@ def _cmd_audit(args) -> int:
     import torch
 
     _need_megatron("audit")
-    if args.gemm_backend == "cublas":
-        _need_gpu("--gemm-backend cublas", "cuBLAS's FP8 GEMMs; on a CPU use auto or emulated")
+    if args.gemm_backend in ("cublas", "deepgemm"):
+        _need_gpu(f"--gemm-backend {args.gemm_backend}", "Hopper FP8 GEMMs; on a CPU use auto or emulated")
     json_path = _fresh_file(args.json) if args.json else None
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
@@ -387,14 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="directory for the JSON results (an earlier result of the same benchmark there is "
                                  "kept as NAME-2.json)")
     b.add_argument("--sweep", action="store_true", help="sat, gemm: also time kernel launch configurations")
-    b.add_argument("--gemm-backend", default="auto", choices=["auto", "cublas", "triton"],
+    b.add_argument("--gemm-backend", default="auto", choices=["auto", "deepgemm", "cublas", "triton"],
                    help="experts: the FP8 GEMM backend of the FP8 modes")
     b.set_defaults(func=_cmd_bench)
 
     a = sub.add_parser("audit", help="count the BF16<->FP8 casts of one MoE layer per step, per mode "
                                      "(needs megatron-core; runs on CPU or GPU)")
     a.add_argument("--ep", type=positive_int, default=1, help="expert parallel size (> 1 starts that many processes)")
-    a.add_argument("--gemm-backend", default="auto", choices=["auto", "cublas", "triton", "emulated"])
+    a.add_argument("--gemm-backend", default="auto", choices=["auto", "deepgemm", "cublas", "triton", "emulated"])
     a.add_argument("--json", type=writable_file, help="also write the counts to this JSON file (an existing one is "
                                                       "kept: the counts then go to NAME-2.json)")
     a.set_defaults(func=_cmd_audit)

@@ -78,7 +78,7 @@ def _count_launches(step) -> int:
 
 def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, hidden=HIDDEN, ffn=FFN,
                 reps: int = 10, warmup: int = 3, gemm_backend: str = "auto", wgrad_into: str = "param",
-                bf16_gemm: str = "auto", align: int = 16) -> BlockRow:
+                bf16_gemm: str = "auto", align: int = 16, _capture=None) -> BlockRow:
     sizes = group_sizes(experts, routing, align)
     m = sum(sizes)
     fused = wgrad_into == "main_grad"
@@ -111,6 +111,8 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
         out = module(make_input() if inp is None else inp, sizes, probs, is_first_microbatch=first)
         out.backward(grad)
 
+    if _capture is not None:
+        _capture(step)
     step(first=True)  # the first microbatch of a step quantizes the weights; the timed ones reuse them
     for _ in range(warmup):
         step()
@@ -154,6 +156,60 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
                     _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t,
                     gemm.resolve_backend(gemm_backend, device) if mode != "bf16" else "-",
                     sorted(host)[len(host) // 2], wgrad_into, engine, launches)
+
+
+KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
+    ("GEMM", ("gemm", "sm90", "cutlass", "nvjet", "gmma", "grouped_mm")),
+    ("SAT", ("_sat_",)),
+    ("quantize", ("_quantize", "quant")),
+    ("SwiGLU", ("swiglu",)),
+    ("copy/fill", ("copy", "fill", "memset", "memcpy", "elementwise", "cat", "index")),
+)
+
+
+def breakdown(mode: str, experts: int, device, wgrad_into: str = "main_grad", bf16_gemm: str = "auto",
+              gemm_backend: str = "auto", top: int = 12) -> dict:
+    """Where one forward + backward goes: device time by kernel category and the top kernels
+    (PyTorch's profiler), and the host functions that cost the most (cProfile)."""
+    import cProfile
+    import pstats
+    from io import StringIO
+
+    from torch.profiler import ProfilerActivity, profile
+
+    align = 128 if mode == "bf16" or gemm.resolve_backend(gemm_backend, device) == "deepgemm" else 16
+    holder = {}
+
+    def capture(step):
+        holder["step"] = step
+
+    bench_block(mode, False, experts, "balanced", device, reps=2, warmup=2, gemm_backend=gemm_backend,
+                wgrad_into=wgrad_into, bf16_gemm=bf16_gemm, align=align, _capture=capture)
+    step = holder["step"]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3
+    cats = {}
+    for name, ms in kernels.items():
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    torch.cuda.synchronize()
+    prof_host = cProfile.Profile()
+    prof_host.enable()
+    for _ in range(3):
+        step()
+    prof_host.disable()
+    torch.cuda.synchronize()
+    text = StringIO()
+    pstats.Stats(prof_host, stream=text).sort_stats("tottime").print_stats(top)
+    return {"mode": mode, "experts": experts, "wgrad_into": wgrad_into,
+            "device_ms_by_category": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k[:90]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]},
+            "host_profile_3_steps": text.getvalue()}
 
 
 def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed"),

@@ -113,14 +113,18 @@ def _linear_rows(name: str, n: int, k: int, experts: int, device, backends) -> l
             add("wgrad", f"deepgemm {method}",
                 lambda: impl.wgrad(*cols[st], cols[st][0].groups, list(main.unbind(0)), torch.float32),
                 into="main_grad", extra_bytes=acc_bytes)
+            add("wgrad", f"deepgemm {method}",
+                lambda: impl.wgrad(*cols[st], cols[st][0].groups, None, torch.bfloat16), ref_w, into="param")
     add("wgrad", "cublas", lambda: gemm.grouped_wgrad(*cols["side_by_side"], accumulate_into=list(main.unbind(0)),
                                                       backend="cublas"), into="main_grad", extra_bytes=acc_bytes)
     # The bf16 baselines under the same contracts.
     w_b = torch.stack([w.dequantize(torch.bfloat16) for w in ws])
     engines = ["torch"] + (["deepgemm"] if "deepgemm" in backends else [])
+    bref_f = bf16_gemm.grouped_mm(xb, w_b, groups, "torch")
+    bref_d = bf16_gemm.grouped_mm(gb, w_b, groups, "torch", transpose=False)
     for eng in engines:
-        add("fprop", f"bf16 {eng}", lambda: bf16_gemm.grouped_mm(xb, w_b, groups, eng), ref_f)
-        add("dgrad", f"bf16 {eng}", lambda: bf16_gemm.grouped_mm(gb, w_b, groups, eng, transpose=False), ref_d)
+        add("fprop", f"bf16 {eng}", lambda: bf16_gemm.grouped_mm(xb, w_b, groups, eng), bref_f)
+        add("dgrad", f"bf16 {eng}", lambda: bf16_gemm.grouped_mm(gb, w_b, groups, eng, transpose=False), bref_d)
         like = list(w_b.unbind(0))
         if eng == "torch":
             add("wgrad", "bf16 torch", lambda: bf16_gemm.grouped_wgrad(gb, xb, groups, eng, None, like), into="param")

@@ -22,7 +22,7 @@ import torch
 
 from ..fp8.format import BlockwiseFP8Tensor, GroupSplits, Layout, SplitsLike
 from . import deepgemm as _deepgemm
-from .contract import (GemmBackend, OperandLayouts, check_multiple, inside_gemm, stacked_view,
+from .contract import (GemmBackend, OperandLayouts, WeightStack, check_multiple, inside_gemm, stacked_view,
                        stacked_view_or_copy)
 from .cublas import CublasBackend, outer_major_group_scales
 from .deepgemm import DeepGemmBackend
@@ -32,7 +32,7 @@ from .triton import TritonBackend
 __all__ = [
     "BACKENDS", "GemmBackend", "OperandLayouts", "backend_for_groups", "dgrad_weights", "get_backend",
     "resolve_backend", "layouts", "grouped_dgrad", "grouped_rowwise_gemm", "grouped_wgrad", "inside_gemm", "outer_major_group_scales",
-    "stacked_view", "stacked_view_or_copy",
+    "stacked_view", "stacked_view_or_copy", "WeightStack",
 ]
 
 logger = logging.getLogger(__name__)

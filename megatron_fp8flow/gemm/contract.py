@@ -117,18 +117,33 @@ def stacked_view_or_copy(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def stacked_view(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The [G, ...] view over tensors lying back to back in one buffer, or None."""
-    first = tensors[0]
+    """The [G, ...] view over tensors lying back to back in one buffer, or None. (Addresses are
+    compared for every tensor, storages for the first and last: on the hot path, per call.)"""
+    first, last = tensors[0], tensors[-1]
     step = first.numel()
-    if all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype
-           and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-           and t.storage_offset() == first.storage_offset() + i * step for i, t in enumerate(tensors)):
-        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()))
-    return None
+    nbytes, base, shape, dtype = step * first.element_size(), first.data_ptr(), first.shape, first.dtype
+    for i, t in enumerate(tensors):
+        if t.data_ptr() != base + i * nbytes or t.shape != shape or t.dtype != dtype or not t.is_contiguous():
+            return None
+    if last.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+        return None
+    return first.as_strided((len(tensors), *shape), (step, *first.stride()))
+
+
+class WeightStack(list):
+    """A list of 128x128 FP8 weights quantized into one stacked buffer, which it keeps
+    (``data`` [G, N, K], ``scale_inv`` [G, N/128, K/128]): GEMMs read the stack without looking
+    at the G tensors again."""
+
+    def __init__(self, weights: Sequence[BlockwiseFP8Tensor], data: torch.Tensor, scale_inv: torch.Tensor):
+        super().__init__(weights)
+        self.data, self.scale_inv = data, scale_inv
 
 
 def stacked_weights(weights: Sequence[BlockwiseFP8Tensor]):
     """([G, N, K] codes, [G, N/128, K/128] scales) over the weights, views where possible."""
+    if isinstance(weights, WeightStack):
+        return weights.data, weights.scale_inv
     return stacked_view_or_copy([w.data for w in weights]), stacked_view_or_copy([w.scale_inv for w in weights])
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..fp8.format import GroupSplits, group_column_blocks
 from .contract import (GemmBackend, OperandLayouts, check_group_alignment, group_bounds, inside_gemm,
-                       stacked_view_or_copy, store_product)
+                       stacked_weights, store_product)
 
 ALIGNMENT = 16  # cuBLAS FP8 GEMMs need 16-element-aligned leading dimensions
 
@@ -77,8 +77,8 @@ def weight_operands(weights):
     stride K/128 rounded up to 4 floats (16 bytes), as PyTorch's check asks since it started
     padding (older PyTorch asks for the unpadded stride, see :func:`scaled_mm_blockwise`). Built
     for all experts at once over the stacked weights: a few calls whatever the expert count."""
-    data = stacked_view_or_copy([w.data for w in weights]).transpose(1, 2)
-    scale = stacked_view_or_copy([w.scale_inv for w in weights])
+    data, scale = stacked_weights(weights)
+    data = data.transpose(1, 2)
     g, nb, kb = scale.shape
     ld = -(-kb // 4) * 4
     if ld != kb or not scale.is_contiguous():

@@ -31,7 +31,8 @@ import torch
 
 from ..fp8.format import ColStorage, group_column_blocks
 from . import cublas
-from .contract import GemmBackend, OperandLayouts, check_group_alignment, group_bounds, inside_gemm, stacked_view
+from .contract import (GemmBackend, OperandLayouts, check_group_alignment, group_bounds, inside_gemm, stacked_view,
+                       stacked_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ INSTALL_HINT = ("install DeepGEMM on a Hopper machine with `pip install --no-bui
 WGRAD_METHODS = ("auto", "k_grouped", "dense", "cublas")
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the ``deep_gemm`` module can be imported (without importing it)."""
+    """Whether the ``deep_gemm`` module can be imported (without importing it; asked once)."""
     return importlib.util.find_spec("deep_gemm") is not None
 
 
@@ -101,11 +103,7 @@ class DeepGemmBackend(GemmBackend):
         check_group_alignment(sizes, alignment(), self.name)
         if a.shape[0] == 0 or not weights:
             return out
-        b = stacked_view([w.data for w in weights])
-        b_sf = stacked_view([w.scale_inv for w in weights])
-        if b is None or b_sf is None:
-            b = torch.stack([w.data for w in weights])
-            b_sf = torch.stack([w.scale_inv for w in weights])
+        b, b_sf = stacked_weights(weights)
         d = out if out.dtype == torch.bfloat16 else torch.empty(out.shape, dtype=torch.bfloat16, device=out.device)
         with inside_gemm():
             library().m_grouped_fp8_gemm_nt_contiguous(
@@ -176,7 +174,10 @@ class DeepGemmBackend(GemmBackend):
             if d is None:
                 raise ValueError("the k-grouped wgrad accumulates into one [G, N, K] buffer; these are separate "
                                  "(use wgrad_method='dense')")
-            ks_dev = torch.tensor(ks, dtype=torch.int32, pin_memory=True).to(d.device, non_blocking=True)
+            if len(run) == len(bounds):  # every group non-empty: the sizes are on the device already
+                ks_dev = x_col.groups.sizes_device
+            else:
+                ks_dev = torch.tensor(ks, dtype=torch.int32, pin_memory=True).to(d.device, non_blocking=True)
             lib.k_grouped_fp8_gemm_nt_contiguous(
                 (grad_col.data[n * r0: n * r1], g_sf[s0:s1].t()), (x_col.data[k * r0: k * r1], x_sf[s0:s1].t()),
                 d, ks, ks_dev, c=d)

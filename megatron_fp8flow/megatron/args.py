@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
+from .. import gemm
 from ..moe.experts import MODES
 from .settings import FP8FlowSettings
 
@@ -23,12 +24,14 @@ def add_fp8flow_args(parser: argparse.ArgumentParser,
                             "baseline), bf16")
     group.add_argument("--moe-fp8-flow-sat", choices=("column", "tile"), default="column",
                        help="scaling-aware transpose: exact column scales (default) or the paper's tile scale")
-    group.add_argument("--moe-fp8-flow-align", type=int, default=16,
-                       help="pad every expert's rows to a multiple of this (16, 32 or 128)")
+    group.add_argument("--moe-fp8-flow-align", type=int, default=0,
+                       help="pad every expert's rows to a multiple of this (16, 32 or 128); 0 (default): what "
+                            "the GEMM backend reads (128 with DeepGEMM, 16 with cuBLAS)")
     group.add_argument("--moe-fp8-flow-recompute-experts", action="store_true",
                        help="keep only the FP8 input of the expert block and recompute it in the backward")
-    group.add_argument("--moe-fp8-flow-gemm-backend", choices=("auto", "cublas", "triton", "emulated"),
-                       default="auto", help="FP8 GEMM backend (auto: cuBLAS on Hopper)")
+    group.add_argument("--moe-fp8-flow-gemm-backend", choices=gemm.BACKENDS,
+                       default="auto", help="FP8 GEMM backend (auto: DeepGEMM on Hopper when deep_gemm imports, "
+                                            "else cuBLAS; Triton on other FP8 GPUs)")
     return parser
 
 

@@ -71,7 +71,8 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if routing_map.dim() != 2 or routing_map.dtype != torch.bool:
             raise ValueError(f"routing_map must be a 2-D bool tensor, got {routing_map.dtype} {tuple(routing_map.shape)}")
         self._plan_counts(routing_map)
-        local_align = self.settings.align if self.ep_size == 1 else 1
+        self.align = self.settings.group_alignment(x.device)
+        local_align = self.align if self.ep_size == 1 else 1
         self.src_perm = plan_permutation(routing_map, self.config.moe_router_topk, local_align,
                                          tokens_per_expert=self.my_counts)
         if self._quantizes_at_layer_edges:
@@ -113,7 +114,7 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         expert_of_row = torch.repeat_interleave(chunk_expert.long(), chunk_rows.long(), output_size=rows)
         routing = F.one_hot(expert_of_row, L).bool()
         probs = routing.to(global_probs.dtype) * global_probs.reshape(-1, 1)
-        self.dst_perm = plan_permutation(routing, 1, self.settings.align, tokens_per_expert=self.local_counts)
+        self.dst_perm = plan_permutation(routing, 1, self.align, tokens_per_expert=self.local_counts)
         tokens = global_input_tokens
         if self._bf16_experts_after_fp8_all_to_all:
             tokens = DequantizeRows.apply(tokens)  # the baseline's dequantize after the all-to-all

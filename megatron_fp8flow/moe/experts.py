@@ -280,8 +280,8 @@ class _FP8Weights:
         data = torch.empty(len(sources), k, n, dtype=fp8.FP8_DTYPE, device=dev)
         scale = torch.empty(len(sources), *scale_shape[::-1], dtype=torch.float32, device=dev)
         with torch.no_grad():
-            return [fp8.quantize_weight_transposed(w.detach(), pow2, out=(data[i], scale[i]))
-                    for i, w in enumerate(sources)]
+            return gemm.WeightStack([fp8.quantize_weight_transposed(w.detach(), pow2, out=(data[i], scale[i]))
+                                     for i, w in enumerate(sources)], data, scale)
 
     def _copy_transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
         ws = getattr(self, which)
@@ -319,7 +319,8 @@ def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
         n, k = ws[0].shape
         data = torch.empty(len(ws), n, k, dtype=fp8.FP8_DTYPE, device=ws[0].device)
         scale = torch.empty(len(ws), -(-n // 128), -(-k // 128), dtype=torch.float32, device=ws[0].device)
-        return [fp8.quantize_weight(w.detach(), out=(data[i], scale[i])) for i, w in enumerate(ws)]
+        return gemm.WeightStack([fp8.quantize_weight(w.detach(), out=(data[i], scale[i])) for i, w in enumerate(ws)],
+                                data, scale)
 
     with torch.no_grad():
         fc1, fc2 = weights[:num_experts], weights[num_experts:]
