@@ -17,8 +17,9 @@ setup() {
 }
 
 step_tests() {
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_gemm_deepgemm.py \
-    tests/test_gemm.py 2>&1 | tail -n 25
+  # shellcheck disable=SC2086
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gemm_deepgemm.py \
+    tests/test_gemm.py} 2>&1 | tail -n 25
 }
 
 step_gemm() {
