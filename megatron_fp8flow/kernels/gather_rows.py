@@ -30,7 +30,9 @@ def _gather_sum_rows_kernel(
         src_row = tl.load(row_map_ptr + t * TOPK + k)
         ok = src_row >= 0
         r64 = tl.maximum(src_row, 0).to(tl.int64)
-        acc += tl.load(src_ptr + r64 * H + cols, mask=col_ok & ok, other=0.0).to(tl.float32)
+        # tl.where rather than `col_ok & ok`: Triton's interpreter turns a scalar condition broadcast into
+        # a block into a non-bool mask, which 3.9 rejects; compiled, the two are the same.
+        acc += tl.load(src_ptr + r64 * H + cols, mask=tl.where(ok, col_ok, False), other=0.0).to(tl.float32)
         if HAS_PROBS:
             if pid_h == 0:
                 e = tl.maximum(tl.load(slot_expert_ptr + t * TOPK + k), 0)

@@ -66,7 +66,7 @@ def _quantize_grouped_kernel(
     q_col, s_col = quantize_tile(tl.trans(x_raw).to(tl.float32), 1, POW2, EMULATE)
     tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], q_col,
              mask=col_ok[:, None] & row_ok[None, :])
-    tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=col_ok & (nrows > 0))
+    tl.store(st_ptr + bid.to(tl.int64) * K + cols, s_col, mask=tl.where(nrows > 0, col_ok, False))
 
 
 @triton.jit
@@ -106,7 +106,7 @@ def _quantize_colwise_bf16_words_kernel(
             k = kc * BLOCK_K + 2 * wl + j
             tl.store(qt_ptr + out_base + k.to(tl.int64)[:, None] * out_ld + rows[None, :], q_col,
                      mask=w_ok[:, None] & row_ok[None, :])
-            tl.store(st_ptr + bid.to(tl.int64) * K + k, s_col, mask=w_ok & (nrows > 0))
+            tl.store(st_ptr + bid.to(tl.int64) * K + k, s_col, mask=tl.where(nrows > 0, w_ok, False))
 
 
 def _check_input(x: torch.Tensor) -> None:

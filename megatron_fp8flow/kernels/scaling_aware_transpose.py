@@ -84,7 +84,7 @@ def _sat_words_kernel(
         w = kc * WB + wl
         w_ok = w < K4
         a = tl.load(q32_ptr + rows64[:, None] * K4 + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0)
-        s = tl.load(s_ptr + rows64 * num_kb + (kc * BLOCK_K) // 128, mask=row_ok & chunk_ok, other=0.0)
+        s = tl.load(s_ptr + rows64 * num_kb + (kc * BLOCK_K) // 128, mask=tl.where(chunk_ok, row_ok, False), other=0.0)
         t = tl.trans(a)  # [WB, 128] words, output orientation
         for j in tl.static_range(4):
             byte = ((t >> (8 * j)) & 0xFF).to(tl.uint8)
@@ -96,7 +96,7 @@ def _sat_words_kernel(
             k = kc * BLOCK_K + 4 * wl + j
             tl.store(qt_ptr + out_base + k.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
                      mask=w_ok[:, None] & row_ok[None, :])
-            tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=w_ok & (nrows > 0))
+            tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=tl.where(nrows > 0, w_ok, False))
 
 
 @triton.jit
@@ -186,7 +186,7 @@ def _sat_packed_kernel(
         k = pid_k * BLOCK_K + 4 * tl.arange(0, WB) + j
         tl.store(qt32_ptr + base4 + k.to(tl.int64)[:, None] * ld4 + out_g[None, :], tl.trans(word),
                  mask=w_ok[:, None] & ok0[None, :])
-        tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=w_ok & (nrows > 0))
+        tl.store(st_ptr + bid.to(tl.int64) * K + k, scale, mask=tl.where(nrows > 0, w_ok, False))
 
 
 @triton.jit
@@ -214,7 +214,7 @@ def _sat_bytes_kernel(
     codes, scale = _sat_plane(tl.trans(decode_e4m3(q, EMULATE)), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
     tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
              mask=col_ok[:, None] & row_ok[None, :])
-    tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=col_ok & (nrows > 0))
+    tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=tl.where(nrows > 0, col_ok, False))
 
 
 def scaling_aware_transpose(

@@ -38,9 +38,11 @@ def _scatter_rows_kernel(
             dst = tl.load(row_map_ptr + t * TOPK + k)
             ok = dst >= 0
             d64 = tl.maximum(dst, 0).to(tl.int64)
-            tl.store(dst_ptr + d64 * H + cols, row, mask=col_ok & ok)
+            # tl.where rather than `col_ok & ok`: Triton's interpreter turns a scalar condition broadcast into
+            # a block into a non-bool mask, which 3.9 rejects; compiled, the two are the same.
+            tl.store(dst_ptr + d64 * H + cols, row, mask=tl.where(ok, col_ok, False))
             if HAS_SCALES:
-                tl.store(dst_scale_ptr + d64 * num_sb + sb, s, mask=(sb < num_sb) & ok)
+                tl.store(dst_scale_ptr + d64 * num_sb + sb, s, mask=tl.where(ok, sb < num_sb, False))
             if HAS_PROBS:
                 if pid_h == 0:
                     e = tl.maximum(tl.load(slot_expert_ptr + t * TOPK + k), 0)
