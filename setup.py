@@ -1,8 +1,51 @@
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
+from setuptools.command.sdist import sdist as _sdist
 
-here = Path(__file__).parent
+here = Path(__file__).resolve().parent
+# The top-level recipes and Megatron-LM patches are the source of truth; a wheel carries a copy of
+# each as megatron_fp8flow/_data/<folder>/ (megatron_fp8flow/resources.py finds either).
+DATA_FOLDERS = ("configs", "patches")
+
+
+def _data_files():
+    """The files of the data folders, relative to the source tree."""
+    return [p.relative_to(here) for top in DATA_FOLDERS for p in sorted((here / top).rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts]
+
+
+class build_py(_build_py):
+    """Also copy configs/ and patches/ into the built package as megatron_fp8flow/_data/.
+    An editable install skips this: it reads the top-level folders in place."""
+
+    def _data_targets(self):
+        return [(here / rel, Path(self.build_lib) / "megatron_fp8flow" / "_data" / rel) for rel in _data_files()]
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        shutil.rmtree(Path(self.build_lib) / "megatron_fp8flow" / "_data", ignore_errors=True)  # no stale copies
+        for src, dst in self._data_targets():
+            self.mkpath(str(dst.parent))
+            self.copy_file(str(src), str(dst), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode=1):
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        return outputs + [str(dst) for _, dst in self._data_targets()]
+
+
+class sdist(_sdist):
+    """Put configs/ and patches/ into the source distribution too, so a wheel built from it has them."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, sorted(set(files) | {str(rel) for rel in _data_files()}))
+
 version = {}
 for line in (here / "megatron_fp8flow" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
@@ -33,6 +76,7 @@ setup(
         "megatron": ["megatron-core>=0.16.1,<0.20", "psutil"],  # psutil: Megatron's checkpoint writer
         "test": ["pytest>=7.4", "hypothesis>=6.100", "megatron-core>=0.16.1,<0.20", "psutil"],
     },
+    cmdclass={"build_py": build_py, "sdist": sdist},
     entry_points={"console_scripts": ["fp8flow=megatron_fp8flow.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

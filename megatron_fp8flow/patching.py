@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
-PATCH_DIR = Path(__file__).resolve().parents[1] / "patches"
+from .resources import data_dir
+
+PATCH_DIR = data_dir("patches")  # the package's copy of patches/, or the checkout's (see resources.py)
 
 
 class PatchError(RuntimeError):
@@ -42,6 +44,8 @@ def megatron_lm_version(root: Path) -> tuple:
 
 
 def available_versions(patch_dir: Path = PATCH_DIR) -> List[str]:
+    if not patch_dir.is_dir():
+        raise PatchError(f"no patch folder at {patch_dir}: the package was installed without its patches")
     return sorted(p.name for p in patch_dir.iterdir() if p.is_dir() and list(p.glob("*.patch")))
 
 

@@ -19,7 +19,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from ..resources import data_dir
+
+CONFIG_DIR = data_dir("configs")  # the package's copy of configs/, or the checkout's (see resources.py)
 MEGATRON_ARGS_DIR = Path(__file__).resolve().parent / "megatron_args"
 FP8FLOW_KEYS = {"enabled", "mode", "sat_variant", "align", "recompute_experts", "gemm_backend"}
 
@@ -42,6 +44,8 @@ class Recipe:
 
 def list_recipes(config_dir: Path = CONFIG_DIR) -> List[str]:
     """Names of the recipes in ``configs/`` (paths below it, without .yaml)."""
+    if not config_dir.is_dir():
+        raise RecipeError(f"no recipe folder at {config_dir}: the package was installed without its recipes")
     return sorted(str(p.relative_to(config_dir).with_suffix("")) for p in config_dir.rglob("*.yaml"))
 
 
@@ -55,7 +59,7 @@ def find_recipe(name_or_path: Union[str, Path], relative_to: Optional[Path] = No
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    known = ", ".join(list_recipes(config_dir)) or "none"
+    known = ", ".join(list_recipes(config_dir) if config_dir.is_dir() else []) or f"none (no folder {config_dir})"
     raise RecipeError(f"recipe {str(name_or_path)!r} not found (a path, or one of: {known})")
 
 
