@@ -194,3 +194,23 @@ def test_cast_audit_counts_plugin_casts_and_foreign_conversions():
     with pytest.raises(RuntimeError, match="do not nest"):
         with cast_audit(), cast_audit():
             pass
+
+
+def test_tensor_dequantize_runs_the_api_and_the_format_fallback_is_exact():
+    """``BlockwiseFP8Tensor.dequantize`` is the API's dequantize (a kernel where one runs, counted
+    as a cast), installed by the API since the format does not import it; the format's own
+    fallback, the reference, gives the same bits in every layout and storage."""
+    from megatron_fp8flow.fp8 import audit
+    from megatron_fp8flow.fp8 import format as fmt
+
+    assert fmt._dequantizer is fp8.dequantize
+    x = make_activations(300, 256, kind="outlier", seed=3)
+    tensors = [fp8.quantize(x, backend="reference"), fp8.quantize_weight(x, backend="reference")]
+    tensors += [fp8.quantize(x, "colwise", m_splits=[100, 0, 200], col_storage=storage, backend="reference")
+                for storage in ("side_by_side", "per_group")]
+    for t in tensors:
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_bits_equal(t.dequantize(dtype), fmt._reference_dequantize(t, dtype), t.layout.value)
+    with audit.cast_audit() as counts:
+        tensors[0].dequantize(torch.bfloat16)
+    assert counts.as_dict() == {"dequantize": 1}

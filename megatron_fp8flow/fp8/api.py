@@ -14,7 +14,7 @@ import torch
 from . import reference as ref
 from .audit import counted
 from .format import (BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, ColStorage, GroupSplits, Layout, SplitsLike, cdiv,
-                     per_group_from_side_by_side, side_by_side_from_per_group)
+                     per_group_from_side_by_side, set_dequantizer)
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
@@ -290,20 +290,16 @@ def scaling_aware_transpose(
 def dequantize(
     t: BlockwiseFP8Tensor, dtype: torch.dtype = torch.float32, backend: Backend = "auto"
 ) -> torch.Tensor:
-    """``data * scale_inv`` in the logical orientation ([M, K]; weights [N, K])."""
-    if t.layout == Layout.ROWWISE:
-        if _use_triton(t.device, backend):
-            from ..kernels.dequantize import dequantize_rowwise
+    """``data * scale_inv`` in the logical orientation ([M, K]; weights [N, K]). Row-wise tensors
+    take the kernel where it runs; the other layouts, and the reference, are exact plain PyTorch."""
+    if t.layout == Layout.ROWWISE and _use_triton(t.device, backend):
+        from ..kernels.dequantize import dequantize_rowwise
 
-            return dequantize_rowwise(t.data, t.scale_inv, dtype)
-        return ref.dequantize_rowwise(t.data, t.scale_inv, dtype)
-    if t.layout == Layout.COLWISE:
-        sizes = t.groups.host_sizes()
-        data = t.data
-        if t.col_storage == ColStorage.PER_GROUP:
-            data = side_by_side_from_per_group(data, t.shape[1], sizes)
-        return ref.dequantize_colwise(data, t.scale_inv, sizes, dtype)
-    return ref.dequantize_weight(t.data, t.scale_inv, dtype)
+        return dequantize_rowwise(t.data, t.scale_inv, dtype)
+    return ref.dequantize_tensor(t, dtype)
+
+
+set_dequantizer(dequantize)  # what BlockwiseFP8Tensor.dequantize runs (the format cannot import the API)
 
 
 def num_scale_blocks(m_splits) -> int:

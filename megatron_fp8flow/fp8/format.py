@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -214,11 +214,10 @@ class BlockwiseFP8Tensor:
         """Return ``data * scale_inv`` in the logical [M, K] orientation.
 
         Exact in fp32 (an E4M3 value times a power of two is representable); for ``COLWISE`` the
-        result is transposed back to [M, K].
+        result is transposed back to [M, K]. Runs ``fp8.dequantize`` (a kernel where one runs,
+        counted by the cast audit), which :mod:`.api` installs here (see :func:`set_dequantizer`).
         """
-        from . import api
-
-        return api.dequantize(self, dtype=dtype)
+        return _dequantizer(self, dtype)
 
     def t(self) -> "BlockwiseFP8Tensor":
         """Exact transposed copy of a ``WEIGHT`` tensor: bytes and scales transposed.
@@ -245,6 +244,24 @@ class BlockwiseFP8Tensor:
             f"data={tuple(self.data.shape)}, scale_inv={tuple(self.scale_inv.shape)}, "
             f"pow2_scales={self.pow2_scales}, device={self.device})"
         )
+
+
+def _reference_dequantize(t: BlockwiseFP8Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .reference import dequantize_tensor  # imported here: the reference imports this module
+
+    return dequantize_tensor(t, dtype)
+
+
+# What BlockwiseFP8Tensor.dequantize runs. The format does not import the API above it: the API
+# installs its dequantize when it is imported (the package ``megatron_fp8flow.fp8`` imports it
+# before any of its modules is used); until then the reference, which gives the same bits.
+_dequantizer: Callable[[BlockwiseFP8Tensor, torch.dtype], torch.Tensor] = _reference_dequantize
+
+
+def set_dequantizer(fn: Callable[[BlockwiseFP8Tensor, torch.dtype], torch.Tensor]) -> None:
+    """Make :meth:`BlockwiseFP8Tensor.dequantize` run ``fn(tensor, dtype)``."""
+    global _dequantizer
+    _dequantizer = fn
 
 
 def group_column_blocks(t: BlockwiseFP8Tensor) -> list:

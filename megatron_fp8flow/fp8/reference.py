@@ -33,7 +33,11 @@ from .format import (
     MIN_SCALE_EXP,
     NAN_CODE,
     ZERO_BLOCK_SCALE,
+    BlockwiseFP8Tensor,
+    ColStorage,
+    Layout,
     cdiv,
+    side_by_side_from_per_group,
 )
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "dequantize_rowwise",
     "dequantize_colwise",
     "dequantize_weight",
+    "dequantize_tensor",
     "sat_tile",
 ]
 
@@ -196,6 +201,20 @@ def dequantize_weight(data: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.f
     n, k = data.shape
     s = scale_inv.float().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:n, :k]
     return (data.float() * s).to(dtype)
+
+
+def dequantize_tensor(t: BlockwiseFP8Tensor, dtype=torch.float32) -> torch.Tensor:
+    """``data * scale_inv`` of a tensor in any layout, in its logical orientation ([M, K];
+    weights [N, K]); a column-wise tensor in either storage."""
+    if t.layout == Layout.ROWWISE:
+        return dequantize_rowwise(t.data, t.scale_inv, dtype)
+    if t.layout == Layout.COLWISE:
+        sizes = t.groups.host_sizes()
+        data = t.data
+        if t.col_storage == ColStorage.PER_GROUP:
+            data = side_by_side_from_per_group(data, t.shape[1], sizes)
+        return dequantize_colwise(data, t.scale_inv, sizes, dtype)
+    return dequantize_weight(t.data, t.scale_inv, dtype)
 
 
 def sat_tile(data: torch.Tensor, scale_inv: torch.Tensor, m_splits: Sequence[int]):
