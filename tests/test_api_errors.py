@@ -65,12 +65,14 @@ def test_nan_and_inf_never_become_finite(device):
 
 def test_kernels_refuse_cpu_tensors_without_interpreter(monkeypatch):
     """Without TRITON_INTERPRET, a CPU tensor handed to a Triton kernel that has no CPU form gets
-    an error that says what to do, not a pointer error from the launcher; the data-movement and
-    SwiGLU ops run their plain-PyTorch forms instead (compared with the kernels in test_moe_ops)."""
+    an error that says what to do, not a pointer error from the launcher; the data-movement
+    kernels and the SwiGLU op run their plain-PyTorch forms instead (compared with the kernels in
+    test_moe_ops)."""
     from megatron_fp8flow.fp8.format import GroupSplits
     from megatron_fp8flow.kernels.gather_rows import gather_sum_rows
     from megatron_fp8flow.kernels.grouped_gemm import grouped_rowwise_gemm
     from megatron_fp8flow.kernels.swiglu_quant import swiglu_quant_forward
+    from megatron_fp8flow.ops import swiglu_quant_forward as swiglu_op
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(4, 256).bfloat16()
@@ -79,7 +81,9 @@ def test_kernels_refuse_cpu_tensors_without_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
         grouped_rowwise_gemm(q.data, q.scale_inv, w.data[None], w.scale_inv[None], GroupSplits.build([4], 4, "cpu"),
                              torch.empty(4, 128, dtype=torch.bfloat16))
-    data, scale, _ = swiglu_quant_forward(x, torch.rand(4))
+    with pytest.raises(ValueError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        swiglu_quant_forward(x, torch.rand(4))
+    data, scale, _ = swiglu_op(x, torch.rand(4))
     assert data.shape == (4, 128) and scale.shape == (4, 1)
     summed, _ = gather_sum_rows(x, torch.zeros(4, 1, dtype=torch.int32), 4)
     assert torch.equal(summed, x[[0, 0, 0, 0]])

@@ -141,6 +141,10 @@ def test_permute_errors(device):
 SWIGLU_SHAPES = [(50, 256), (17, 128), (0, 128), (130, 384)]
 
 
+def _rows(data, scale_inv) -> fp8.BlockwiseFP8Tensor:
+    return fp8.BlockwiseFP8Tensor(data, scale_inv, fp8.Layout.ROWWISE, tuple(data.shape))
+
+
 def _swiglu_inputs(m, f, seed):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, 2 * f, generator=g) * 2).bfloat16()
@@ -152,7 +156,8 @@ def _swiglu_inputs(m, f, seed):
 @pytest.mark.parametrize("m, f", SWIGLU_SHAPES)
 def test_swiglu_quant_forward(device, cast_path, m, f):
     x, w, _ = _swiglu_inputs(m, f, seed=m + f)
-    q, y = ops.weighted_swiglu_quant(x.to(device), w.to(device), y_dtype=torch.float32)
+    data, scale_inv, y = ops.swiglu_quant_forward(x.to(device), w.to(device), y_dtype=torch.float32)
+    q = _rows(data, scale_inv)
     exp_d, exp_s, exp_y = R.weighted_swiglu_quant(x, w)
     y = y.cpu()
     # fp32 SwiGLU: exp and division differ from torch's by a few ulp at most.
@@ -165,14 +170,15 @@ def test_swiglu_quant_forward(device, cast_path, m, f):
     diff = codes(q.data.cpu()).int() - codes(exp_d).int()
     assert (diff.abs() <= 1).all() and int((diff != 0).sum()) <= diff.numel() // 1000
     if m:
-        _, y16 = ops.weighted_swiglu_quant(x.to(device), w.to(device), y_dtype=torch.bfloat16)
+        _, _, y16 = ops.swiglu_quant_forward(x.to(device), w.to(device), y_dtype=torch.bfloat16)
         assert_bits_equal(y16.cpu(), y.bfloat16(), "bf16 y")
 
 
 @pytest.mark.parametrize("m, f", SWIGLU_SHAPES)
 def test_swiglu_quant_backward_against_autograd(device, cast_path, m, f):
     x, w, grad = _swiglu_inputs(m, f, seed=7 * m + f)
-    q, dw = ops.weighted_swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
+    data, scale_inv, dw = ops.swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
+    q = _rows(data, scale_inv)
     assert q.shape == (m, 2 * f) and q.scale_inv.shape == (m, 2 * f // 128)
     # Autograd through the fp64 reference forward.
     x64 = x.double().requires_grad_(True)
@@ -187,9 +193,9 @@ def test_swiglu_quant_backward_against_autograd(device, cast_path, m, f):
     terms = (grad.double() * a * torch.sigmoid(a) * b).abs().sum(1)
     assert ((dw.cpu().double() - w64.grad).abs() <= f * 2.0**-22 * terms + 1e-30).all()
     # Deterministic: same bits run to run.
-    q2, dw2 = ops.weighted_swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
+    data2, _, dw2 = ops.swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
     assert_bits_equal(dw2.cpu(), dw.cpu(), "dw rerun")
-    assert_bits_equal(q2.data.cpu(), q.data.cpu(), "codes rerun")
+    assert_bits_equal(data2.cpu(), q.data.cpu(), "codes rerun")
     # Exact against the fp32 reference except for rare rounding flips.
     exp_d, exp_s, exp_dw = R.weighted_swiglu_quant_backward(grad, x, w)
     diff = codes(q.data.cpu()).int() - codes(exp_d).int()
@@ -199,14 +205,14 @@ def test_swiglu_quant_backward_against_autograd(device, cast_path, m, f):
 def test_swiglu_nan_and_errors(device):
     x, w, grad = _swiglu_inputs(4, 128, seed=1)
     x[1, 3] = float("nan")
-    q, _ = ops.weighted_swiglu_quant(x.to(device), w.to(device))
-    assert codes(q.data.cpu())[1, 3] == fp8.NAN_CODE
-    dq, dw = ops.weighted_swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
-    assert dw[1].isnan() and codes(dq.data.cpu())[1, 3] == fp8.NAN_CODE
+    data, _, _ = ops.swiglu_quant_forward(x.to(device), w.to(device))
+    assert codes(data.cpu())[1, 3] == fp8.NAN_CODE
+    ddata, _, dw = ops.swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
+    assert dw[1].isnan() and codes(ddata.cpu())[1, 3] == fp8.NAN_CODE
     with pytest.raises(ValueError, match="F % 128 == 0"):
-        ops.weighted_swiglu_quant(torch.randn(4, 200, device=device).bfloat16(), w.to(device))
+        ops.swiglu_quant_forward(torch.randn(4, 200, device=device).bfloat16(), w.to(device))
     with pytest.raises(ValueError, match=r"w must be \[M\]"):
-        ops.weighted_swiglu_quant(x.to(device), torch.rand(3, device=device))
+        ops.swiglu_quant_forward(x.to(device), torch.rand(3, device=device))
 
 
 def test_swiglu_unquantized_baseline_kernels(device):
@@ -232,7 +238,7 @@ def test_swiglu_unquantized_baseline_kernels(device):
     assert ((dx.cpu() - exp_dx).abs() <= 2.0**-19 * size + 1e-30).all()
     # The two modes are separate compilations, free to contract multiply-adds differently: dw
     # agrees within the fp32 error of an F-term sum, both against each other and the reference.
-    _, q_dw = ops.weighted_swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
+    _, _, q_dw = ops.swiglu_quant_backward(grad.to(device), x.to(device), w.to(device))
     terms = (grad.float() * a * sig * b).abs().sum(1)
     assert ((dw.cpu() - q_dw.cpu()).abs() <= 2 * f * 2.0**-22 * terms + 1e-30).all()
     assert ((dw.cpu() - exp_dw).abs() <= 2 * f * 2.0**-22 * terms + 1e-30).all()
@@ -306,9 +312,10 @@ def test_permute_roundtrip_property(device, n, e, topk, align, seed):
 
 
 def test_cpu_paths_match_the_kernels(monkeypatch):
-    """CPU runs without the Triton interpreter use plain-PyTorch forms of the data-movement and
-    SwiGLU kernels: the same bits for data movement, fp32-rounding-close for the SwiGLU."""
-    from megatron_fp8flow.kernels import gather_rows, scatter_rows, swiglu_quant
+    """CPU runs without the Triton interpreter use plain-PyTorch forms of the data-movement
+    kernels and of the SwiGLU op: the same bits for data movement, fp32-rounding-close for the
+    SwiGLU."""
+    from megatron_fp8flow.kernels import fp8_common, gather_rows, scatter_rows, swiglu_quant
 
     if torch.cuda.is_available():
         pytest.skip("the CPU paths are compared with the interpreted kernels on a CPU machine")
@@ -338,9 +345,9 @@ def test_cpu_paths_match_the_kernels(monkeypatch):
     w, dy = torch.rand(m, generator=g), torch.randn(m, f, generator=g).bfloat16()
     fwd_k = swiglu_quant.swiglu_quant_forward(xs, w, torch.float32)
     bwd_k = swiglu_quant.swiglu_quant_backward(dy, xs, w)
-    monkeypatch.setattr(swiglu_quant, "use_cpu_path", lambda *t: True)
-    fwd_p = swiglu_quant.swiglu_quant_forward(xs, w, torch.float32)
-    bwd_p = swiglu_quant.swiglu_quant_backward(dy, xs, w)
+    monkeypatch.setattr(fp8_common, "use_cpu_path", lambda *t: True)
+    fwd_p = ops.swiglu_quant_forward(xs, w, torch.float32)
+    bwd_p = ops.swiglu_quant_backward(dy, xs, w)
     assert torch.allclose(fwd_k[2], fwd_p[2], rtol=1e-5, atol=1e-6)
     for k, p in ((fwd_k, fwd_p), (bwd_k, bwd_p)):
         dk = fp8.BlockwiseFP8Tensor(k[0], k[1], fp8.Layout.ROWWISE, tuple(k[0].shape)).dequantize()

@@ -7,7 +7,8 @@ order by one program per row block (deterministic, no atomics). F % 128 == 0.
 
 References: ``ops.reference.weighted_swiglu_quant`` / ``weighted_swiglu_quant_backward``. The
 FP8 encoding is bit-exact given the kernel's fp32 values; those differ from the reference's by
-the fp32 rounding of exp and division (a few ulp), see the tests' bounds.
+the fp32 rounding of exp and division (a few ulp), see the tests' bounds. The operator that
+chooses between these kernels and a plain-PyTorch form is :mod:`megatron_fp8flow.ops.swiglu`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.format import FP8_DTYPE
-from .fp8_common import use_cpu_path, fp8_view, interpreter_active, needs_emulated_cast, quantize_tile, to_output_dtype
+from .fp8_common import fp8_view, interpreter_active, needs_emulated_cast, quantize_tile, to_output_dtype
 
 
 @triton.jit
@@ -96,6 +97,23 @@ def _swiglu_bwd_kernel(
     tl.store(dw_ptr + rows, dw, mask=row_ok)
 
 
+def check_forward(x: torch.Tensor, w: torch.Tensor, y_dtype=None, quantize: bool = True) -> int:
+    """Validate the forward's arguments; returns F."""
+    f = _check(x, w)
+    if not quantize and y_dtype is None:
+        raise ValueError("quantize=False needs y_dtype: the kernel would produce nothing")
+    return f
+
+
+def check_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> int:
+    """Validate the backward's arguments; returns F."""
+    f = _check(x, w)
+    m = x.shape[0]
+    if g.shape != (m, f) or g.stride(1) != 1:
+        raise ValueError(f"grad must be [M, F] = [{m}, {f}] with unit last stride, got {tuple(g.shape)}")
+    return f
+
+
 def _check(x: torch.Tensor, w: torch.Tensor):
     if x.dim() != 2 or x.shape[1] % 2:
         raise ValueError(f"x must be [M, 2F] (gate | up), got {tuple(x.shape)}")
@@ -117,15 +135,7 @@ def swiglu_quant_forward(
     ``quantize=False`` (with ``y_dtype``) is the plain fused SwiGLU of the baseline: data and
     scale_inv are then None.
     """
-    f = _check(x, w)
-    if not quantize and y_dtype is None:
-        raise ValueError("quantize=False needs y_dtype: the kernel would produce nothing")
-    if use_cpu_path(x, w):
-        from ..ops import reference as ops_ref
-
-        y = ops_ref.weighted_swiglu(x, w, torch.float32)
-        data, scale_inv = ops_ref.fp8_ref.quantize_rowwise(y) if quantize else (None, None)
-        return data, scale_inv, None if y_dtype is None else y.to(y_dtype)
+    f = check_forward(x, w, y_dtype, quantize)
     m = x.shape[0]
     dev = x.device
     data = torch.empty(m, f, dtype=FP8_DTYPE, device=dev) if quantize else None
@@ -153,19 +163,8 @@ def swiglu_quant_backward(
     With ``dx_dtype`` (the baseline) the gradient is written unquantized in that dtype instead:
     returns (dx [M, 2F], None, dw).
     """
-    f = _check(x, w)
+    f = check_backward(g, x, w)
     m = x.shape[0]
-    if g.shape != (m, f) or g.stride(1) != 1:
-        raise ValueError(f"grad must be [M, F] = [{m}, {f}] with unit last stride, got {tuple(g.shape)}")
-    if use_cpu_path(g, x, w):
-        from ..ops import reference as ops_ref
-
-        d_gate, d_up, dw = ops_ref.weighted_swiglu_backward(g, x, w, torch.float32)
-        dx = torch.cat([d_gate, d_up], dim=1)
-        if dx_dtype is None:
-            data, scale_inv = ops_ref.fp8_ref.quantize_rowwise(dx)
-            return data, scale_inv, dw
-        return dx.to(dx_dtype), None, dw
     dev = x.device
     quantize = dx_dtype is None
     if quantize:

@@ -47,7 +47,7 @@ from ..gemm import bf16 as bf16_gemm
 from ..fp8.activation import FP8Activation, fp8_payload
 from ..fp8.audit import cast_point
 from ..fp8.format import BlockwiseFP8Tensor, GroupSplits
-from ..kernels.swiglu_quant import swiglu_quant_backward, swiglu_quant_forward
+from ..ops.swiglu import swiglu_quant_backward, swiglu_quant_forward
 
 logger = logging.getLogger(__name__)
 

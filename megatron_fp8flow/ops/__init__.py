@@ -14,7 +14,7 @@ from .permute import (
     unpad_unpermute,
     unpad_unpermute_backward,
 )
-from .swiglu import weighted_swiglu_quant, weighted_swiglu_quant_backward
+from .swiglu import swiglu_quant_backward, swiglu_quant_forward
 
 __all__ = [
     "Permutation",
@@ -25,6 +25,6 @@ __all__ = [
     "plan_permutation",
     "unpad_unpermute",
     "unpad_unpermute_backward",
-    "weighted_swiglu_quant",
-    "weighted_swiglu_quant_backward",
+    "swiglu_quant_backward",
+    "swiglu_quant_forward",
 ]
