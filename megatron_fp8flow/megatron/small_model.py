@@ -6,14 +6,13 @@ group-limited routing, a shared expert, SwiGLU experts, RMSNorm, RoPE and one MT
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from .parallel import free_port, init_parallel  # noqa: F401  (init_parallel: callers use it from here too)
 from .settings import FP8FlowSettings
 
 
@@ -40,29 +39,6 @@ def device_shape(**overrides) -> SmallMoE:
     GEMMs need K % 512 == 0 (PyTorch 2.11)."""
     widths = dict(hidden=512, ffn=1024, moe_ffn=512, shared_ffn=512) if torch.cuda.is_available() else {}
     return SmallMoE(**{**widths, **overrides})
-
-
-def init_parallel(rank: int = 0, world: int = 1, ep: int = 1, port: Optional[int] = None) -> None:
-    """torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's model-parallel groups."""
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT") or (free_port() if world == 1 else 29531))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, rank=rank, world_size=world)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    else:
-        from . import cpu_shims
-
-        cpu_shims.apply()
 
 
 def config(shape: SmallMoE = SmallMoE(), **overrides):
@@ -134,14 +110,6 @@ def loss_and_backward(model, data) -> torch.Tensor:
     loss = model(ids, pos, mask, labels=labels).float().mean()
     loss.backward()
     return loss.detach()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(worker, world: int, *args) -> list:

@@ -202,13 +202,13 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
            on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict]) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
-    from ..megatron import small_model
+    from ..megatron.parallel import init_parallel
 
     args = recipe.args
     seed = seed if seed is not None else args.get("seed", 1234)
     rank, world = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     _check_layout(args, world)
-    small_model.init_parallel(rank, world, ep=world)
+    init_parallel(rank, world, ep=world)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

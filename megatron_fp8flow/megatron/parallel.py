@@ -1,0 +1,42 @@
+"""Process-group set-up for runs without Megatron's own launcher: torch.distributed and
+Megatron-Core's model-parallel groups (the training loop, ``fp8flow audit``, the tests)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def init_parallel(rank: int = 0, world: int = 1, ep: int = 1, port: Optional[int] = None) -> None:
+    """torch.distributed (gloo on CPU, NCCL on GPU) and Megatron's model-parallel groups."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port or os.environ.get("MASTER_PORT") or (free_port() if world == 1 else 29531))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    else:
+        from . import cpu_shims
+
+        cpu_shims.apply()
+
+
+def free_port() -> int:
+    """A free local TCP port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
