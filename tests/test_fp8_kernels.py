@@ -190,11 +190,10 @@ def test_weight_quantize_and_transpose(device, cast_path, shape, pow2, dtype):
     got = fp8.quantize_weight(w.to(device), pow2_scales=pow2, backend="triton")
     exp = fp8.quantize_weight(w, pow2_scales=pow2, backend="reference")
     assert_fp8_equal(_cpu_ref(got), exp, "weight")
-    w8, w8t = fp8.quantize_weight_with_transpose(w.to(device), pow2_scales=pow2, backend="triton")
-    assert_fp8_equal(_cpu_ref(w8), exp, "weight")
+    w8t = fp8.quantize_weight_transposed(w.to(device), pow2_scales=pow2, backend="triton")
     assert_fp8_equal(_cpu_ref(w8t), exp.t(), "weight^T")
-    # The transposed copy alone, into given buffers (slices of stacked weights), as the expert
-    # block's backward makes it; the reference path gives the same bytes.
+    # The transposed copy into given buffers (slices of stacked weights), as the expert block's
+    # backward makes it; the reference path gives the same bytes.
     n, k = shape
     stacked_t = (torch.empty(2, k, n, dtype=w8t.data.dtype, device=device),
                  torch.empty(2, *w8t.scale_inv.shape, device=device))

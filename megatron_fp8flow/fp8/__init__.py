@@ -14,7 +14,6 @@ from .api import (
     quantize_row_and_col,
     quantize_weight,
     quantize_weight_transposed,
-    quantize_weight_with_transpose,
     scaling_aware_transpose,
 )
 from .format import (
@@ -49,7 +48,6 @@ __all__ = [
     "quantize_row_and_col",
     "quantize_weight",
     "quantize_weight_transposed",
-    "quantize_weight_with_transpose",
     "reference",
     "scaling_aware_transpose",
 ]

@@ -182,23 +182,6 @@ def quantize_weight(
 
 
 @counted("weight_quantize")
-def quantize_weight_with_transpose(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto"):
-    """``(quantize_weight(w), quantize_weight(w).t())``: two passes over ``w``, one per layout
-    (each stored straight in its layout; see :mod:`megatron_fp8flow.kernels.quantize_weight`)."""
-    if _use_triton(w.device, backend):
-        from ..kernels.quantize_weight import quantize_weight as kernel
-
-        data, scale, data_t, scale_t = kernel(w, pow2_scales, with_transpose=True)
-        n, k = w.shape
-        return (
-            BlockwiseFP8Tensor(data, scale, Layout.WEIGHT, (n, k), pow2_scales),
-            BlockwiseFP8Tensor(data_t, scale_t, Layout.WEIGHT, (k, n), pow2_scales),
-        )
-    q = quantize_weight(w, pow2_scales, backend)
-    return q, q.t()
-
-
-@counted("weight_quantize")
 def quantize_weight_transposed(w: torch.Tensor, pow2_scales: bool = True, backend: Backend = "auto",
                                out=None) -> BlockwiseFP8Tensor:
     """``quantize_weight(w).t()`` alone, in one pass over ``w`` that writes only the transposed

@@ -4,9 +4,9 @@
 Reference: ``fp8.reference.quantize_weight``. 128x128 blocks are symmetric under
 transposition, so the transposed copy holds the same codes and the transposed scales.
 
-One layout per launch. A single pass that wrote both layouts gave wrong bytes for fp32 weights
+One layout per call. A single pass that wrote both layouts gave wrong bytes for fp32 weights
 on the H200 (Triton 3.6; bf16 weights were right), while each layout written alone is right for
-both dtypes, so both layouts take two passes (one more read of the weight).
+both dtypes.
 """
 
 from __future__ import annotations
@@ -59,14 +59,13 @@ def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scale
         )
 
 
-def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: bool = False, out=None,
-                    out_t=None, transpose_only: bool = False):
-    """Returns (data [N, K], scale_inv [nN, nK], data_t [K, N] or None, scale_inv_t [nK, nN] or None).
+def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, out=None, out_t=None, transpose_only: bool = False):
+    """Returns (data [N, K], scale_inv [nN, nK], None, None), or with ``transpose_only``
+    (None, None, data_t [K, N], scale_inv_t [nK, nN]): the transposed copy alone.
 
     ``w``: bf16, fp16 or fp32, any strides. ``out=(data, scale_inv)`` and
     ``out_t=(data_t, scale_inv_t)``: contiguous buffers to write into (e.g. one expert's slice of
-    a stacked weight buffer) instead of fresh ones. ``transpose_only``: write only the transposed
-    copy (data and scale_inv are None).
+    a stacked weight buffer) instead of fresh ones.
     """
     if w.dim() != 2:
         raise ValueError(f"weight quantization expects a 2-D [N, K] tensor, got shape {tuple(w.shape)}")
@@ -80,7 +79,7 @@ def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, with_transpose: b
         data, scale = out if out is not None else (torch.empty(n, k, dtype=FP8_DTYPE, device=dev),
                                                    torch.empty(num_nb, num_kb, dtype=torch.float32, device=dev))
         _launch(w, data, scale, pow2_scales, transposed=False)
-    if with_transpose or transpose_only:
+    else:
         data_t, scale_t = out_t if out_t is not None else (
             torch.empty(k, n, dtype=FP8_DTYPE, device=dev), torch.empty(num_kb, num_nb, dtype=torch.float32, device=dev))
         _launch(w, data_t, scale_t, pow2_scales, transposed=True)

@@ -264,7 +264,7 @@ class _FP8Weights:
 
     def transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
         if which not in self._transposed:
-            self._transposed[which] = self._quantize_transposed(which) or self._copy_transposed(which)
+            self._transposed[which] = self._quantize_transposed(which)
         return self._transposed[which]
 
     def _quantize_transposed(self, which: str) -> Optional[List[BlockwiseFP8Tensor]]:
@@ -282,13 +282,6 @@ class _FP8Weights:
         with torch.no_grad():
             return gemm.WeightStack([fp8.quantize_weight_transposed(w.detach(), pow2, out=(data[i], scale[i]))
                                      for i, w in enumerate(sources)], data, scale)
-
-    def _copy_transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
-        ws = getattr(self, which)
-        data = gemm.stacked_view_or_copy([w.data for w in ws]).transpose(1, 2).contiguous()
-        scale = gemm.stacked_view_or_copy([w.scale_inv for w in ws]).transpose(1, 2).contiguous()
-        return [BlockwiseFP8Tensor(data[i], scale[i], fp8.Layout.WEIGHT, (w.shape[1], w.shape[0]), w.pow2_scales)
-                for i, w in enumerate(ws)]
 
     def tensors(self) -> List[BlockwiseFP8Tensor]:
         return (self.fc1 or []) + (self.fc2 or []) + [w for ws in self._transposed.values() for w in ws]

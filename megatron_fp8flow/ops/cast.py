@@ -40,14 +40,6 @@ class QuantizeGradient(torch.autograd.Function):
         return FP8Activation(fp8.quantize(grad.contiguous()), grad.dtype)
 
 
-def quantize_rows(x: torch.Tensor) -> FP8Activation:
-    return QuantizeRows.apply(x)
-
-
-def quantize_gradient(x: torch.Tensor) -> torch.Tensor:
-    return QuantizeGradient.apply(x)
-
-
 class DequantizeRows(torch.autograd.Function):
     """FP8 rows -> bf16 (the BF16-centric baseline after its FP8 all-to-all); the backward
     passes the bf16 gradient through."""
