@@ -70,6 +70,67 @@ def test_row_group_index_and_mn_major_scales():
         assert deepgemm.mn_major_scales(t) is t
 
 
+@pytest.mark.parametrize("m, k", [(130, 384), (256, 130), (7, 256)])
+def test_mn_major_scales_written_by_the_producers(m, k):
+    """Row-wise quantization (plain and with the grouped column-wise output) writes MN-major
+    scales when asked: the same codes and scale values, strides (1, M rounded up to 4); SAT and
+    dequantization read them to the same bits as row-major ones."""
+    x = make_activations(m, k, "heavy", seed=m + k, device=DEV)
+    sizes = [m - m // 2, m // 2]
+    for xin in (x, x.bfloat16()):
+        row = fp8.quantize(xin)
+        mn = fp8.quantize(xin, scale_layout="mn_major")
+        assert mn.scale_inv.stride() == (1, -(-m // 4) * 4) and torch.equal(mn.scale_inv, row.scale_inv)
+        assert torch.equal(mn.data.view(torch.uint8), row.data.view(torch.uint8))
+        assert torch.equal(mn.dequantize(), row.dequantize())
+        r2, c2 = fp8.quantize_row_and_col(xin, sizes, scale_layout="mn_major", col_storage="per_group")
+        assert r2.scale_inv.stride() == mn.scale_inv.stride() and torch.equal(r2.scale_inv, row.scale_inv)
+        for variant in ("column", "tile"):
+            a = fp8.scaling_aware_transpose(row, sizes, variant=variant)
+            b = fp8.scaling_aware_transpose(mn, sizes, variant=variant)
+            assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale_inv, b.scale_inv)
+    with pytest.raises(ValueError, match="scale_layout must be"):
+        fp8.quantize(x, scale_layout="column_major")
+
+
+def test_swiglu_writes_mn_major_scales():
+    """The fused weighted SwiGLU + quantize (forward and backward) writes either scale layout,
+    the same codes, scales and dw."""
+    from megatron_fp8flow.ops.swiglu import swiglu_quant_backward, swiglu_quant_forward
+
+    m, f = 70, 256
+    x = make_activations(m, 2 * f, seed=9, device=DEV).bfloat16()
+    w = torch.rand(m, device=DEV)
+    g = make_activations(m, f, "heavy", seed=10, device=DEV).bfloat16()
+    for fn, args in ((swiglu_quant_forward, (x, w)), (swiglu_quant_backward, (g, x, w))):
+        a, b = fn(*args), fn(*args, scale_layout="mn_major")
+        assert b[1].stride() == (1, -(-m // 4) * 4) and a[1].is_contiguous()
+        assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
+
+
+def test_permutation_writes_mn_major_scales_for_the_experts():
+    """permute+pad and the unpad+unpermute backward write the scale layout their plan asks for
+    (rows bound for the GEMMs), with the same bytes, scales and zero padding rows."""
+    from megatron_fp8flow.ops.permute import permute_pad, plan_permutation, unpad_unpermute_backward
+
+    g = torch.Generator().manual_seed(4)
+    n, e, h = 40, 4, 256
+    scores = torch.rand(n, e, generator=g)
+    routing = torch.zeros(n, e, dtype=torch.bool)
+    routing.scatter_(1, scores.topk(2, dim=1).indices, True)
+    routing[:, 3] = False  # an empty expert
+    counts = routing.sum(0).tolist()
+    tokens = fp8.quantize(make_activations(n, h, "outlier", seed=5, device=DEV).bfloat16())
+    probs = torch.rand(n, e, generator=g).to(DEV)
+    outs = {}
+    for mn in (False, True):
+        perm = plan_permutation(routing.to(DEV), 2, 128, tokens_per_expert=counts, mn_major_scales=mn)
+        outs[mn] = (permute_pad(tokens, probs, perm)[0], unpad_unpermute_backward(tokens, perm))
+    for a, b in zip(outs[False], outs[True]):
+        assert b.scale_inv.stride() == (1, -(-b.shape[0] // 4) * 4) and a.scale_inv.is_contiguous()
+        assert torch.equal(a.scale_inv, b.scale_inv) and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+
+
 def test_emulated_wgrad_reads_both_storages():
     sizes, n, k = [0, 48, 16, 130], 256, 384
     g = fp8.quantize(make_activations(sum(sizes), n, seed=7, device=DEV).bfloat16())

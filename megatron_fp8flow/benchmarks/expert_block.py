@@ -98,14 +98,16 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     # the all-to-all, outside this block: one of the flow's two casts), bf16 otherwise. Each call makes a fresh input, so the
     # memory the block keeps for its backward includes it.
     flow_input = mode in ("flow", "flow_double_quant")
+    # ... with the scale layout the dispatcher's permutation writes for this GEMM backend.
+    scales = gemm.layouts(gemm_backend, device).row_scales
 
     def make_input():
         if flow_input:
-            return FP8Activation(fp8.quantize(x), torch.bfloat16, requires_grad=True)
+            return FP8Activation(fp8.quantize(x, scale_layout=scales), torch.bfloat16, requires_grad=True)
         return x.clone().requires_grad_(True)
 
     # Likewise the output gradient: the combine's backward sends it as FP8 in the flow modes.
-    grad = FP8Activation(fp8.quantize(dout), torch.bfloat16) if flow_input else dout
+    grad = FP8Activation(fp8.quantize(dout, scale_layout=scales), torch.bfloat16) if flow_input else dout
 
     def step(first: bool = False, inp=None):
         out = module(make_input() if inp is None else inp, sizes, probs, is_first_microbatch=first)

@@ -14,7 +14,7 @@ import torch
 from . import reference as ref
 from .audit import counted
 from .format import (BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, ColStorage, GroupSplits, Layout, SplitsLike, cdiv,
-                     per_group_from_side_by_side, set_dequantizer)
+                     per_group_from_side_by_side, set_dequantizer, with_row_scale_layout)
 
 Backend = Literal["auto", "triton", "reference"]
 _BACKENDS = ("auto", "triton", "reference")
@@ -59,6 +59,7 @@ def quantize(
     pow2_scales: bool = True,
     backend: Backend = "auto",
     col_storage: str = "side_by_side",
+    scale_layout: str = "row_major",
 ) -> BlockwiseFP8Tensor:
     """Quantize a 2-D activation/gradient tensor to blockwise FP8 E4M3.
 
@@ -74,6 +75,8 @@ def quantize(
             scales ``amax/448``.
         col_storage: ``colwise`` data storage, ``"side_by_side"`` ([K, M]) or ``"per_group"``
             (one contiguous [K, m_g] block per group; see :class:`~.format.ColStorage`).
+        scale_layout: ``rowwise`` scale layout, ``"row_major"`` or ``"mn_major"`` (strides
+            (1, M rounded up to 4): what DeepGEMM reads; see ``format.empty_row_scales``).
 
     Semantics (both backends, bit-identical): scales from the amax of the finite elements of
     each block, clamped to >= 2^-126; ``scale_inv = 1`` for blocks without a finite non-zero
@@ -85,12 +88,14 @@ def quantize(
     if lay == Layout.ROWWISE:
         if m_splits is not None:
             raise ValueError("m_splits applies to the 'colwise' layout only")
+        mn_major = _mn_major(scale_layout)
         if _use_triton(x.device, backend):
             from ..kernels.quantize import quantize_rowwise
 
-            data, scale_inv = quantize_rowwise(x, pow2_scales)
+            data, scale_inv = quantize_rowwise(x, pow2_scales, mn_major_scales=mn_major)
         else:
             data, scale_inv = ref.quantize_rowwise(x, pow2_scales)
+            scale_inv = with_row_scale_layout(scale_inv, mn_major)
         return BlockwiseFP8Tensor(data, scale_inv, Layout.ROWWISE, tuple(x.shape), pow2_scales)
     if lay == Layout.COLWISE:
         groups = _groups(m_splits, x.shape[0], x.device)
@@ -107,6 +112,7 @@ def quantize_row_and_col(
     pow2_scales: bool = True,
     backend: Backend = "auto",
     col_storage: str = "side_by_side",
+    scale_layout: str = "row_major",
 ):
     """Row-wise and grouped column-wise quantization of ``x`` (one call, fastest kernels).
 
@@ -116,7 +122,8 @@ def quantize_row_and_col(
     _check_activation(x)
     groups = _groups(m_splits, x.shape[0], x.device)
     storage = ColStorage.parse(col_storage)
-    data, scale, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, True, backend, storage)
+    data, scale, data_t, scale_t = _quantize_grouped(x, groups, pow2_scales, True, backend, storage,
+                                                     _mn_major(scale_layout))
     shape = tuple(x.shape)
     return (
         BlockwiseFP8Tensor(data, scale, Layout.ROWWISE, shape, pow2_scales),
@@ -130,12 +137,19 @@ def _groups(m_splits: Optional[SplitsLike], num_rows: int, device: torch.device)
     return GroupSplits.build(m_splits, num_rows, device)
 
 
-def _quantize_grouped(x, groups: GroupSplits, pow2_scales, write_rowwise, backend, storage=ColStorage.SIDE_BY_SIDE):
+def _mn_major(scale_layout: str) -> bool:
+    if scale_layout not in ("row_major", "mn_major"):
+        raise ValueError(f"scale_layout must be 'row_major' or 'mn_major', got {scale_layout!r}")
+    return scale_layout == "mn_major"
+
+
+def _quantize_grouped(x, groups: GroupSplits, pow2_scales, write_rowwise, backend, storage=ColStorage.SIDE_BY_SIDE,
+                      mn_major=False):
     per_group = storage == ColStorage.PER_GROUP
     if _use_triton(x.device, backend):
         from ..kernels.quantize import quantize_grouped
 
-        return quantize_grouped(x, groups, pow2_scales, write_rowwise, per_group=per_group)
+        return quantize_grouped(x, groups, pow2_scales, write_rowwise, per_group=per_group, mn_major_scales=mn_major)
     sizes = groups.host_sizes()
     data_t, scale_t = ref.quantize_colwise(x, sizes, pow2_scales)
     if per_group:
@@ -144,6 +158,7 @@ def _quantize_grouped(x, groups: GroupSplits, pow2_scales, write_rowwise, backen
     data = scale = None
     if write_rowwise:
         data, scale = ref.quantize_rowwise(x, pow2_scales)
+        scale = with_row_scale_layout(scale, mn_major)
     return data, scale, data_t, scale_t
 
 

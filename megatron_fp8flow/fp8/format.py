@@ -166,6 +166,28 @@ class GroupSplits:
         return cls(num_rows, len(sizes), sizes, sizes_dev, rows_dev, blocks_dev, blocks[-1], alignment)
 
 
+def empty_row_scales(m: int, kb: int, device, mn_major: bool = False) -> torch.Tensor:
+    """[M, KB] fp32 row-wise scales: row-major, or MN-major (strides (1, M rounded up to 4):
+    the TMA-aligned layout DeepGEMM reads), so kernels write the layout their consumer reads."""
+    if not mn_major:
+        return torch.empty(m, kb, dtype=torch.float32, device=device)
+    ld = cdiv(m, 4) * 4
+    return torch.empty(kb, ld, dtype=torch.float32, device=device)[:, :m].t()
+
+
+def with_row_scale_layout(scale: torch.Tensor, mn_major: bool) -> torch.Tensor:
+    """``scale`` in the asked layout: itself when it already is, else one copy."""
+    m, kb = scale.shape
+    if mn_major:
+        if scale.stride(0) == 1 and scale.stride(1) == cdiv(m, 4) * 4:
+            return scale
+    elif scale.is_contiguous():
+        return scale
+    out = empty_row_scales(m, kb, scale.device, mn_major)
+    out.copy_(scale)
+    return out
+
+
 def host_ints_to_device(lists, device) -> list:
     """int32 device copies of host lists in one copy that does not wait for the GPU: a plain
     ``torch.tensor(..., device="cuda")`` synchronizes the stream, which would stall the host

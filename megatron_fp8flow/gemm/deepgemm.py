@@ -29,7 +29,7 @@ from typing import List, Optional
 
 import torch
 
-from ..fp8.format import ColStorage, group_column_blocks
+from ..fp8.format import ColStorage, group_column_blocks, with_row_scale_layout
 from . import cublas
 from .contract import (GemmBackend, OperandLayouts, check_group_alignment, group_bounds, inside_gemm, stacked_view,
                        stacked_weights)
@@ -67,15 +67,9 @@ def alignment() -> int:
 
 
 def mn_major_scales(scale: torch.Tensor) -> torch.Tensor:
-    """[M, K/128] row-wise scales with strides (1, M rounded up to 4): DeepGEMM's TMA-aligned
-    MN-major layout. Returned as is when already so, else one transposing copy."""
-    m, kb = scale.shape
-    ld = -(-m // 4) * 4
-    if scale.stride(0) == 1 and scale.stride(1) == ld:
-        return scale
-    buf = torch.empty(kb, ld, dtype=scale.dtype, device=scale.device)
-    buf[:, :m].copy_(scale.t())
-    return buf[:, :m].t()
+    """[M, K/128] row-wise scales in DeepGEMM's TMA-aligned MN-major layout (strides (1, M
+    rounded up to 4)): as they are when the producer wrote that layout, else one copy."""
+    return with_row_scale_layout(scale, mn_major=True)
 
 
 class DeepGemmBackend(GemmBackend):

@@ -41,7 +41,8 @@ class TritonBackend(GemmBackend):
         w_data, w_scale = stacked_weights(weights)
         if transpose:
             w_data, w_scale = w_data.transpose(1, 2), w_scale.transpose(1, 2)
-        return grouped_gemm.grouped_rowwise_gemm(a.data, a.scale_inv, w_data, w_scale, groups, out)
+        scale = a.scale_inv if a.scale_inv.stride(1) == 1 else a.scale_inv.contiguous()  # the kernel reads row-major
+        return grouped_gemm.grouped_rowwise_gemm(a.data, scale, w_data, w_scale, groups, out)
 
     def wgrad(self, grad_col, x_col, groups, accumulate_into, out_dtype):
         from ..kernels import grouped_gemm

@@ -12,7 +12,7 @@ from .fp8_common import decode_e4m3, fp8_view, needs_emulated_cast, to_output_dt
 
 @triton.jit
 def _dequantize_rowwise_kernel(
-    q_ptr, s_ptr, out_ptr, M, K, num_kb, BLOCK_M: tl.constexpr, EMULATE: tl.constexpr,
+    q_ptr, s_ptr, out_ptr, M, K, stride_sm, stride_sk, BLOCK_M: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -22,7 +22,7 @@ def _dequantize_rowwise_kernel(
     mask = row_ok[:, None] & (cols[None, :] < K)
     offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
     q = decode_e4m3(tl.load(q_ptr + offs, mask=mask), EMULATE)
-    s = tl.load(s_ptr + rows * num_kb + pid_k, mask=row_ok, other=0.0)
+    s = tl.load(s_ptr + rows.to(tl.int64) * stride_sm + pid_k * stride_sk, mask=row_ok, other=0.0)
     tl.store(out_ptr + offs, to_output_dtype(q * s[:, None], out_ptr.dtype.element_ty, EMULATE), mask=mask)
 
 
@@ -36,7 +36,7 @@ def dequantize_rowwise(
     if m and k:
         emulate = needs_emulated_cast(data.device)
         _dequantize_rowwise_kernel[(cdiv(m, block_m), num_kb)](
-            fp8_view(data, emulate), scale_inv, out, m, k, num_kb,
+            fp8_view(data, emulate), scale_inv, out, m, k, *scale_inv.stride(),
             BLOCK_M=block_m, EMULATE=emulate, num_warps=num_warps,
         )
     return out

@@ -9,13 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv
+from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv, empty_row_scales
 from .fp8_common import colwise_frame, fp8_view, groups_p2, locate_block_group, needs_emulated_cast, quantize_tile
 
 
 @triton.jit
 def _quantize_rowwise_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, stride_xm, num_kb,
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sk,
     BLOCK_M: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -28,13 +28,13 @@ def _quantize_rowwise_kernel(
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     q, s = quantize_tile(x, 1, POW2, EMULATE)
     tl.store(q_ptr + rows64 * K + cols[None, :], q, mask=mask)
-    tl.store(s_ptr + rows * num_kb + pid_k, s, mask=row_ok)
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pid_k * stride_sk, s, mask=row_ok)
 
 
 @triton.jit
 def _quantize_grouped_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
-    M, K, stride_xm, num_kb, num_groups,
+    M, K, stride_xm, stride_sm, stride_sk, num_groups,
     BLOCK_K: tl.constexpr, WRITE_ROWWISE: tl.constexpr, POW2: tl.constexpr,
     EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
@@ -60,7 +60,7 @@ def _quantize_grouped_kernel(
     if WRITE_ROWWISE:  # BLOCK_K == 128: one row-wise block per row
         q_row, s_row = quantize_tile(x_raw.to(tl.float32), 1, POW2, EMULATE)
         tl.store(q_ptr + rows64 * K + cols[None, :], q_row, mask=mask)
-        tl.store(s_ptr + rows * num_kb + pid_k, s_row, mask=row_ok)
+        tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pid_k * stride_sk, s_row, mask=row_ok)
 
     # Output orientation [BLOCK_K, 128]; masked-off rows were loaded as 0 and do not count.
     q_col, s_col = quantize_tile(tl.trans(x_raw).to(tl.float32), 1, POW2, EMULATE)
@@ -116,20 +116,22 @@ def _check_input(x: torch.Tensor) -> None:
         raise TypeError(f"FP8 quantization expects bf16, fp16 or fp32 input, got {x.dtype}")
 
 
-def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 16, num_warps: int = 4):
-    """Row-wise 1x128 quantization. Returns (data [M, K] e4m3, scale_inv [M, ceil(K/128)])."""
+def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 16, num_warps: int = 4,
+                     mn_major_scales: bool = False):
+    """Row-wise 1x128 quantization. Returns (data [M, K] e4m3, scale_inv [M, ceil(K/128)]), the
+    scales row-major or MN-major (``fp8.format.empty_row_scales``)."""
     _check_input(x)
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
     num_kb = cdiv(k, BLOCK)
     data = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    scale_inv = torch.empty(m, num_kb, dtype=torch.float32, device=x.device)
+    scale_inv = empty_row_scales(m, num_kb, x.device, mn_major_scales)
     if m and k:
         emulate = needs_emulated_cast(x.device)
         grid = (cdiv(m, block_m), num_kb)
         _quantize_rowwise_kernel[grid](
-            x, fp8_view(data, emulate), scale_inv, m, k, x.stride(0), num_kb,
+            x, fp8_view(data, emulate), scale_inv, m, k, x.stride(0), *scale_inv.stride(),
             BLOCK_M=block_m, POW2=pow2_scales, EMULATE=emulate, num_warps=num_warps,
         )
     return data, scale_inv
@@ -138,6 +140,7 @@ def quantize_rowwise(x: torch.Tensor, pow2_scales: bool = True, block_m: int = 1
 def quantize_grouped(
     x: torch.Tensor, groups: GroupSplits, pow2_scales: bool = True, write_rowwise: bool = True,
     block_k: int = 128, chunks: int = 1, num_warps: int = 4, per_group: bool = False,
+    mn_major_scales: bool = False,
 ):
     """Column-wise (per group) and optionally row-wise quantization of ``x``.
 
@@ -163,7 +166,7 @@ def quantize_grouped(
     data = scale = None
     if write_rowwise:
         data = torch.empty(m, k, dtype=FP8_DTYPE, device=dev)
-        scale = torch.empty(m, num_kb, dtype=torch.float32, device=dev)
+        scale = empty_row_scales(m, num_kb, dev, mn_major_scales)
     if not (m and k and groups.scale_rows_capacity):
         return data, scale, data_t, scale_t
     emulate = needs_emulated_cast(dev)
@@ -177,7 +180,7 @@ def quantize_grouped(
         if write_rowwise:
             # Measured on the H200: the row-wise kernel plus the column-wise word kernel (two
             # reads of x) beat one fused pass over x (BENCHMARKS.md).
-            data, scale = quantize_rowwise(x, pow2_scales)
+            data, scale = quantize_rowwise(x, pow2_scales, mn_major_scales=mn_major_scales)
         x32 = x.view(torch.int32)
         grid = (groups.scale_rows_capacity, cdiv(cdiv(k, block_k), chunks))
         _quantize_colwise_bf16_words_kernel[grid](
@@ -193,7 +196,7 @@ def quantize_grouped(
     grid = (groups.scale_rows_capacity, cdiv(k, block_k))
     _quantize_grouped_kernel[grid](
         x, fp8_view(row_q, emulate), row_s, fp8_view(data_t, emulate), scale_t, *offsets,
-        m, k, x.stride(0), num_kb, groups.num_groups,
+        m, k, x.stride(0), *row_s.stride(), groups.num_groups,
         BLOCK_K=block_k, WRITE_ROWWISE=write_rowwise, POW2=pow2_scales, EMULATE=emulate,
         GROUPS_P2=gp2, PER_GROUP=per_group, num_warps=num_warps,
     )

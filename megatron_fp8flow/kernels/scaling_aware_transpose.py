@@ -58,7 +58,7 @@ def _sat_plane(qf, s, row_ok, C: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE
 @triton.jit
 def _sat_words_kernel(
     q32_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
-    M, K, num_kb, num_groups,
+    M, K, stride_sm, stride_sk, num_groups,
     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, TILE_SCALE: tl.constexpr,
     EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
@@ -84,7 +84,8 @@ def _sat_words_kernel(
         w = kc * WB + wl
         w_ok = w < K4
         a = tl.load(q32_ptr + rows64[:, None] * K4 + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0)
-        s = tl.load(s_ptr + rows64 * num_kb + (kc * BLOCK_K) // 128, mask=tl.where(chunk_ok, row_ok, False), other=0.0)
+        s = tl.load(s_ptr + rows64 * stride_sm + ((kc * BLOCK_K) // 128) * stride_sk,
+                    mask=tl.where(chunk_ok, row_ok, False), other=0.0)
         t = tl.trans(a)  # [WB, 128] words, output orientation
         for j in tl.static_range(4):
             byte = ((t >> (8 * j)) & 0xFF).to(tl.uint8)
@@ -139,7 +140,7 @@ def _decode_byte(words, j: tl.constexpr, EMULATE: tl.constexpr):
 @triton.jit
 def _sat_packed_kernel(
     q32_ptr, s_ptr, qt32_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
-    M, K, num_kb, num_groups,
+    M, K, stride_sm, stride_sk, num_groups,
     BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr, GROUPS_P2: tl.constexpr,
     PER_GROUP: tl.constexpr,
 ):
@@ -163,11 +164,11 @@ def _sat_packed_kernel(
     K4 = K // 4
     w = pid_k * WB + tl.arange(0, WB)
     w_ok = w < K4
-    s_base = s_ptr + row0.to(tl.int64) * num_kb + (pid_k * BLOCK_K) // 128
+    s_base = s_ptr + row0.to(tl.int64) * stride_sm + ((pid_k * BLOCK_K) // 128) * stride_sk
     s0 = tl.load(s_base, mask=ok0, other=0.0)
-    s1 = tl.load(s_base + num_kb, mask=ok1, other=0.0)
-    s2 = tl.load(s_base + 2 * num_kb, mask=ok2, other=0.0)
-    s3 = tl.load(s_base + 3 * num_kb, mask=ok3, other=0.0)
+    s1 = tl.load(s_base + stride_sm, mask=ok1, other=0.0)
+    s2 = tl.load(s_base + 2 * stride_sm, mask=ok2, other=0.0)
+    s3 = tl.load(s_base + 3 * stride_sm, mask=ok3, other=0.0)
     base = q32_ptr + row0.to(tl.int64)[:, None] * K4 + w[None, :]
     ld_mask = ok0[:, None] & w_ok[None, :]  # groups are multiples of 4 rows
     a0 = tl.load(base, mask=ld_mask, other=0)
@@ -192,7 +193,7 @@ def _sat_packed_kernel(
 @triton.jit
 def _sat_bytes_kernel(
     q_ptr, s_ptr, qt_ptr, st_ptr, scale_row_offsets_ptr, row_offsets_ptr,
-    M, K, num_kb, num_groups,
+    M, K, stride_sm, stride_sk, num_groups,
     BLOCK_K: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     GROUPS_P2: tl.constexpr, PER_GROUP: tl.constexpr,
 ):
@@ -209,7 +210,7 @@ def _sat_bytes_kernel(
     rows64 = rows.to(tl.int64)
     q = tl.load(q_ptr + rows64[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
     # One row scale per row: BLOCK_K never straddles a 128-column scale block.
-    s = tl.load(s_ptr + rows64 * num_kb + (pid_k * BLOCK_K) // 128, mask=row_ok, other=0.0)
+    s = tl.load(s_ptr + rows64 * stride_sm + ((pid_k * BLOCK_K) // 128) * stride_sk, mask=row_ok, other=0.0)
     # Decode, then transpose the fp32 values: tl.trans of an 8-bit tile can corrupt it on Hopper.
     codes, scale = _sat_plane(tl.trans(decode_e4m3(q, EMULATE)), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
     tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
@@ -255,7 +256,7 @@ def scaling_aware_transpose(
         num_warps = 2 if packed else 4  # fastest measured on the H200 (BENCHMARKS.md sweep)
     common = dict(TILE_SCALE=tile_scale, EMULATE=emulate, GROUPS_P2=groups_p2(groups.num_groups),
                   PER_GROUP=per_group, num_warps=num_warps)
-    offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, num_kb, groups.num_groups)
+    offsets = (groups.scale_row_offsets, groups.row_offsets, m, k, *scale_inv.stride(), groups.num_groups)
     if packed:
         grid = (groups.scale_rows_capacity, cdiv(k, block_k))
         _sat_packed_kernel[grid](

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8.format import FP8_DTYPE
+from ..fp8.format import FP8_DTYPE, empty_row_scales
 from .fp8_common import fp8_view, interpreter_active, needs_emulated_cast, quantize_tile, to_output_dtype
 
 
@@ -38,7 +38,7 @@ def _sigmoid(a):
 
 @triton.jit
 def _swiglu_fwd_kernel(
-    x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, M, F, stride_x, num_sb,
+    x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, M, F, stride_x, stride_sm, stride_sk,
     BLOCK_M: tl.constexpr, QUANTIZE: tl.constexpr, WRITE_Y: tl.constexpr, EMULATE: tl.constexpr,
     EXACT_BF16: tl.constexpr,
 ):
@@ -54,14 +54,15 @@ def _swiglu_fwd_kernel(
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = (a * _sigmoid(a)) * b * w[:, None]
     if QUANTIZE:
-        _quantize_block_rows(y, q_ptr + r64 * F + cols[None, :], s_ptr + rows * num_sb + pid_f, mask, row_ok, EMULATE)
+        _quantize_block_rows(y, q_ptr + r64 * F + cols[None, :], s_ptr + rows.to(tl.int64) * stride_sm + pid_f * stride_sk,
+                             mask, row_ok, EMULATE)
     if WRITE_Y:
         tl.store(y_ptr + r64 * F + cols[None, :], to_output_dtype(y, y_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, q_ptr, s_ptr, dx_ptr, dw_ptr, M, F, stride_g, stride_x, num_sb,
+    g_ptr, x_ptr, w_ptr, q_ptr, s_ptr, dx_ptr, dw_ptr, M, F, stride_g, stride_x, stride_sm, stride_sk,
     NUM_FB: tl.constexpr, BLOCK_M: tl.constexpr, QUANTIZE: tl.constexpr, EMULATE: tl.constexpr,
     EXACT_BF16: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -86,10 +87,11 @@ def _swiglu_bwd_kernel(
         d_up = gw * silu
         dw += tl.sum(g * silu * b, axis=1)
         if QUANTIZE:
-            _quantize_block_rows(d_gate, q_ptr + r64 * two_f + cols[None, :], s_ptr + rows * num_sb + fb,
+            s_row = s_ptr + rows.to(tl.int64) * stride_sm
+            _quantize_block_rows(d_gate, q_ptr + r64 * two_f + cols[None, :], s_row + fb * stride_sk,
                                  mask, row_ok, EMULATE)
             _quantize_block_rows(d_up, q_ptr + r64 * two_f + F + cols[None, :],
-                                 s_ptr + rows * num_sb + NUM_FB + fb, mask, row_ok, EMULATE)
+                                 s_row + (NUM_FB + fb) * stride_sk, mask, row_ok, EMULATE)
         else:
             out_t = dx_ptr.dtype.element_ty
             tl.store(dx_ptr + r64 * two_f + cols[None, :], to_output_dtype(d_gate, out_t, EXACT_BF16), mask=mask)
@@ -128,9 +130,11 @@ def _check(x: torch.Tensor, w: torch.Tensor):
 
 
 def swiglu_quant_forward(
-    x: torch.Tensor, w: torch.Tensor, y_dtype=None, quantize: bool = True, block_m: int = 16, num_warps: int = 4
+    x: torch.Tensor, w: torch.Tensor, y_dtype=None, quantize: bool = True, block_m: int = 16, num_warps: int = 4,
+    mn_major_scales: bool = False,
 ):
-    """Returns (data [M, F] e4m3, scale_inv [M, F/128] fp32, y [M, F] in ``y_dtype`` or None).
+    """Returns (data [M, F] e4m3, scale_inv [M, F/128] fp32 (row-major, or MN-major: see
+    ``fp8.format.empty_row_scales``), y [M, F] in ``y_dtype`` or None).
 
     ``quantize=False`` (with ``y_dtype``) is the plain fused SwiGLU of the baseline: data and
     scale_inv are then None.
@@ -139,7 +143,7 @@ def swiglu_quant_forward(
     m = x.shape[0]
     dev = x.device
     data = torch.empty(m, f, dtype=FP8_DTYPE, device=dev) if quantize else None
-    scale_inv = torch.empty(m, f // 128, dtype=torch.float32, device=dev) if quantize else None
+    scale_inv = empty_row_scales(m, f // 128, dev, mn_major_scales) if quantize else None
     y = None if y_dtype is None else torch.empty(m, f, dtype=y_dtype, device=dev)
     if m:
         emulate = needs_emulated_cast(dev)
@@ -147,7 +151,7 @@ def swiglu_quant_forward(
         _swiglu_fwd_kernel[(triton.cdiv(m, block_m), f // 128)](
             x, w.contiguous(), fp8_view(data, emulate) if quantize else dummy,
             scale_inv if quantize else dummy, y if y is not None else dummy,
-            m, f, x.stride(0), f // 128,
+            m, f, x.stride(0), *(scale_inv.stride() if quantize else (0, 0)),
             BLOCK_M=block_m, QUANTIZE=quantize, WRITE_Y=y is not None, EMULATE=emulate,
             EXACT_BF16=interpreter_active(), num_warps=num_warps,
         )
@@ -156,7 +160,7 @@ def swiglu_quant_forward(
 
 def swiglu_quant_backward(
     g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dx_dtype=None, block_m: int = 8, num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 3, mn_major_scales: bool = False,
 ):
     """Returns (data [M, 2F] e4m3 = [d_gate | d_up], scale_inv [M, 2F/128], dw [M] fp32).
 
@@ -169,7 +173,7 @@ def swiglu_quant_backward(
     quantize = dx_dtype is None
     if quantize:
         data = torch.empty(m, 2 * f, dtype=FP8_DTYPE, device=dev)
-        scale_inv = torch.empty(m, 2 * f // 128, dtype=torch.float32, device=dev)
+        scale_inv = empty_row_scales(m, 2 * f // 128, dev, mn_major_scales)
     else:
         data, scale_inv = torch.empty(m, 2 * f, dtype=dx_dtype, device=dev), None
     dw = torch.empty(m, dtype=torch.float32, device=dev)
@@ -178,7 +182,7 @@ def swiglu_quant_backward(
         _swiglu_bwd_kernel[(triton.cdiv(m, block_m),)](
             g, x, w.contiguous(), fp8_view(data, emulate) if quantize else dw,
             scale_inv if quantize else dw, dw if quantize else data, dw,
-            m, f, g.stride(0), x.stride(0), 2 * f // 128,
+            m, f, g.stride(0), x.stride(0), *(scale_inv.stride() if quantize else (0, 0)),
             NUM_FB=f // 128, BLOCK_M=block_m, QUANTIZE=quantize, EMULATE=emulate,
             EXACT_BF16=interpreter_active(), NUM_STAGES=num_stages, num_warps=num_warps,
         )

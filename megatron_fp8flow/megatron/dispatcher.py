@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from .. import gemm
 from ..fp8.format import host_ints_to_device
 from ..ops.cast import DequantizeGradient, DequantizeRows, QuantizeGradient, QuantizeRows
 from ..ops.comm import AllToAllRows
@@ -72,9 +73,13 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
             raise ValueError(f"routing_map must be a 2-D bool tensor, got {routing_map.dtype} {tuple(routing_map.shape)}")
         self._plan_counts(routing_map)
         self.align = self.settings.group_alignment(x.device)
+        # Rows bound for the experts get the scale layout the GEMMs read; rows bound for the
+        # all-to-all stay row-major (they travel as rows).
+        self.mn_major = gemm.layouts(self.settings.gemm_backend, x.device).row_scales == "mn_major"
         local_align = self.align if self.ep_size == 1 else 1
         self.src_perm = plan_permutation(routing_map, self.config.moe_router_topk, local_align,
-                                         tokens_per_expert=self.my_counts)
+                                         tokens_per_expert=self.my_counts,
+                                         mn_major_scales=self.mn_major and self.ep_size == 1)
         if self._quantizes_at_layer_edges:
             x = QuantizeRows.apply(x)  # the forward's one cast
         return PermutePad.apply(x, probs, self.src_perm)
@@ -114,7 +119,8 @@ class FP8FlowTokenDispatcher(MoEAlltoAllTokenDispatcher):
         expert_of_row = torch.repeat_interleave(chunk_expert.long(), chunk_rows.long(), output_size=rows)
         routing = F.one_hot(expert_of_row, L).bool()
         probs = routing.to(global_probs.dtype) * global_probs.reshape(-1, 1)
-        self.dst_perm = plan_permutation(routing, 1, self.align, tokens_per_expert=self.local_counts)
+        self.dst_perm = plan_permutation(routing, 1, self.align, tokens_per_expert=self.local_counts,
+                                         mn_major_scales=self.mn_major)
         tokens = global_input_tokens
         if self._bf16_experts_after_fp8_all_to_all:
             tokens = DequantizeRows.apply(tokens)  # the baseline's dequantize after the all-to-all

@@ -36,6 +36,9 @@ class Permutation:
     num_out_rows: int  # rows of the padded layout (exact, or an upper bound)
     align: int
     padded_sizes_host: Optional[list] = None  # when the counts were given on the host
+    # FP8 rows written into this layout get MN-major scales (what DeepGEMM reads) instead of
+    # row-major ones (what the all-to-all sends): set where the rows go straight to the experts.
+    mn_major_scales: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +65,7 @@ def plan_permutation(
     align: int = 16,
     tokens_per_expert: Optional[Union[Sequence[int], torch.Tensor]] = None,
     num_out_rows: Optional[int] = None,
+    mn_major_scales: bool = False,
 ) -> Permutation:
     """Device-side offsets and row map for a multi-hot ``routing_map`` [N, E] (bool).
 
@@ -119,6 +123,7 @@ def plan_permutation(
         num_out_rows=int(num_out_rows),
         align=align,
         padded_sizes_host=host_padded,
+        mn_major_scales=mn_major_scales,
     )
 
 
@@ -147,7 +152,7 @@ def permute_pad(
         _check_fp8_rows(tokens, n)
         data, scales, p = scatter_rows(
             tokens.data, perm.row_map, perm.counts, perm.offsets, perm.num_out_rows, perm.align,
-            src_scales=tokens.scale_inv, probs=probs, slot_expert=perm.slot_expert,
+            src_scales=tokens.scale_inv, probs=probs, slot_expert=perm.slot_expert, mn_major_scales=perm.mn_major_scales,
         )
         out = BlockwiseFP8Tensor(data, scales, Layout.ROWWISE, (perm.num_out_rows, tokens.shape[1]), tokens.pow2_scales)
         return out, p
@@ -198,7 +203,7 @@ def unpad_unpermute_backward(grad: Union[torch.Tensor, BlockwiseFP8Tensor], perm
         _check_fp8_rows(grad, n)
         data, scales, _ = scatter_rows(
             grad.data, perm.row_map, perm.counts, perm.offsets, perm.num_out_rows, perm.align,
-            src_scales=grad.scale_inv,
+            src_scales=grad.scale_inv, mn_major_scales=perm.mn_major_scales,
         )
         return BlockwiseFP8Tensor(data, scales, Layout.ROWWISE, (perm.num_out_rows, grad.shape[1]), grad.pow2_scales)
     _check_rows(grad, n, "grad")
