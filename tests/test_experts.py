@@ -154,7 +154,7 @@ def test_parameters_share_one_stacked_buffer():
 def test_expert_errors():
     with pytest.raises(ValueError, match="hidden_size % 128 == 0"):
         FP8FlowGroupedMLP(2, 100, 128)
-    with pytest.raises(ValueError, match="unknown expert precision mode"):
+    with pytest.raises(ValueError, match="unknown mode 'fp4' \\(flag --moe-fp8-flow-mode\\)"):
         ExpertPrecision(mode="fp4")
     module = _make("flow")
     x, probs, _ = _inputs()

@@ -134,7 +134,7 @@ def test_flags_and_settings():
     assert settings_from_args(parser.parse_args([])) is None
     with pytest.raises(ValueError, match="multiple of 16"):
         FP8FlowSettings(mode="flow", align=8)
-    with pytest.raises(ValueError, match="unknown --moe-fp8-flow mode"):
+    with pytest.raises(ValueError, match="unknown mode 'fp4'"):
         FP8FlowSettings(mode="fp4")
 
 
@@ -187,3 +187,23 @@ def test_launch_hooks_follow_the_parsed_flags():
         assert spec_builds(get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is FP8FlowMoELayer
     finally:
         uninstall()
+
+
+def test_one_settings_object_generates_flags_recipe_keys_and_argv():
+    """Every FP8FlowSettings field is a Megatron flag, a recipe key and part of a recipe's argv,
+    and parsing that argv gives the same settings back."""
+    import dataclasses
+
+    from megatron_fp8flow.moe import settings as st
+    from megatron_fp8flow.recipes.recipe import fp8flow_keys
+
+    parser = add_fp8flow_args(argparse.ArgumentParser())
+    values = {"mode": "blockwise", "sat_variant": "tile", "align": 128, "recompute_experts": False,
+              "gemm_backend": "cublas", "bf16_gemm": "torch", "gradient_accumulation_fusion": True,
+              "check_finite": True}
+    assert set(values) == set(st.KEYS) and fp8flow_keys() == {"enabled", *st.KEYS}
+    back = settings_from_args(parser.parse_args(["--moe-fp8-flow", *st.to_argv(values)]))
+    assert back == FP8FlowSettings(**values)
+    flags = {a for action in parser._actions for a in action.option_strings}
+    assert {f.metadata["flag"] for f in dataclasses.fields(FP8FlowSettings)} <= flags
+    assert st.ExpertPrecision is FP8FlowSettings and back.expert_precision() is back

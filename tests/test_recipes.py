@@ -99,7 +99,7 @@ def test_errors_name_the_file_and_key(tmp_path):
                        match=r"bad.yaml: unknown Megatron argument 'hidden_sise' .*core_r0.19\); did you mean hidden_size"):
         load_recipe(bad)
     bad.write_text("extends: proxies/tiny_cpu\nfp8flow:\n  mode: fp4\n")
-    with pytest.raises(RecipeError, match="bad.yaml: fp8flow: unknown --moe-fp8-flow mode 'fp4'"):
+    with pytest.raises(RecipeError, match="bad.yaml: fp8flow: unknown mode 'fp4' \\(flag --moe-fp8-flow-mode\\)"):
         load_recipe(bad)
     bad.write_text("extends: proxies/tiny_cpu\nfp8flow:\n  modes: flow\n")
     with pytest.raises(RecipeError, match="unknown fp8flow setting 'modes'"):

@@ -36,7 +36,6 @@ cuBLAS path is tested against the emulation on the H200).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -47,39 +46,11 @@ from ..gemm import bf16 as bf16_gemm
 from ..fp8.activation import FP8Activation, fp8_payload
 from ..fp8.audit import cast_point
 from ..fp8.format import BlockwiseFP8Tensor, GroupSplits
+from .settings import MODES, ExpertPrecision  # noqa: F401  (MODES re-exported)
 from ..ops.swiglu import swiglu_quant_backward, swiglu_quant_forward
 
 logger = logging.getLogger(__name__)
 
-MODES = ("bf16", "blockwise", "flow_double_quant", "flow")
-
-
-@dataclass(frozen=True)
-class ExpertPrecision:
-    """How the expert MLP computes. One object selects everything."""
-
-    mode: str = "flow"
-    sat_variant: str = "column"
-    gemm_backend: str = "auto"
-    # Save only the FP8 input (+ scales), probs and group sizes; recompute the block in backward.
-    recompute_experts: bool = False
-    check_finite: bool = False  # debug: raise on NaN/Inf in inputs and outputs
-    # Megatron's convention: weights that carry an fp32 ``main_grad`` get their gradients added
-    # into it by the GEMM (no separate pass), and autograd sees Megatron's dummy gradient.
-    gradient_accumulation_fusion: bool = False
-    bf16_gemm: str = "auto"  # the bf16 mode's grouped GEMMs: auto | torch | deepgemm
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown expert precision mode {self.mode!r}; expected one of {MODES}")
-        if self.gemm_backend not in gemm.BACKENDS:
-            raise ValueError(f"unknown gemm_backend {self.gemm_backend!r}; expected one of {gemm.BACKENDS}")
-        if self.bf16_gemm not in bf16_gemm.ENGINES:
-            raise ValueError(f"unknown bf16_gemm {self.bf16_gemm!r}; expected one of {bf16_gemm.ENGINES}")
-        if self.sat_variant not in ("column", "tile"):
-            raise ValueError(f"sat_variant must be 'column' or 'tile', got {self.sat_variant!r}")
-        if self.recompute_experts and self.mode not in ("flow", "flow_double_quant"):
-            raise ValueError(f"recompute_experts is implemented for the FP8 flow modes, not {self.mode!r}")
 
 
 def _main_grads(weights, cfg: ExpertPrecision) -> Optional[List[torch.Tensor]]:
@@ -164,24 +135,25 @@ def _fp8_forward(ctx, x, probs, cfg, groups, weights, e, fp8_weights):
     # One backend for the whole call, and the column-wise storage its wgrad reads.
     impl = gemm.backend_for_groups(cfg.gemm_backend, probs.device, groups.host_sizes())
     ctx.backend = be = impl.name
-    ctx.col_storage = impl.layouts(probs.device).colwise_storage
+    lay = impl.layouts(probs.device)
+    ctx.col_storage, ctx.scale_layout = lay.colwise_storage, lay.row_scales
     x8 = fp8_payload(x)
     fw = fp8_weights if fp8_weights is not None else _quantize_weights(weights, e)
     ctx.fp8_weights = fp8_weights
     if cfg.mode == "blockwise":
         xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
-        x_row, x_col = fp8.quantize_row_and_col(xb, groups, col_storage=ctx.col_storage)
+        x_row, x_col = fp8.quantize_row_and_col(xb, groups, col_storage=ctx.col_storage, scale_layout=ctx.scale_layout)
         y1 = gemm.grouped_rowwise_gemm(x_row, fw.fc1, groups, backend=be)
         _, _, h = swiglu_quant_forward(y1, probs, torch.bfloat16, quantize=False)
-        h_row, h_col = fp8.quantize_row_and_col(h, groups, col_storage=ctx.col_storage)
+        h_row, h_col = fp8.quantize_row_and_col(h, groups, col_storage=ctx.col_storage, scale_layout=ctx.scale_layout)
         out = gemm.grouped_rowwise_gemm(h_row, fw.fc2, groups, backend=be)
         _drop_if_own(fw, fp8_weights, be, out.device)
         ctx.saved = (x_col, h_col, fw)
         ctx.save_for_backward(y1, probs)
         return out
     if x8 is None:
-        x8 = fp8.quantize(x)
-    y1, h8, out = _flow_forward(x8, probs, fw.fc1, fw.fc2, groups, be)
+        x8 = fp8.quantize(x, scale_layout=ctx.scale_layout)
+    y1, h8, out = _flow_forward(x8, probs, fw.fc1, fw.fc2, groups, be, scale_layout=ctx.scale_layout)
     if cfg.recompute_experts:
         ctx.saved = (x8, None, None)
         ctx.save_for_backward(probs)
@@ -199,15 +171,17 @@ def _fp8_backward(ctx, dout, main):
     if cfg.recompute_experts:
         (probs,) = ctx.saved_tensors
         fw = ctx.fp8_weights if ctx.fp8_weights is not None else _quantize_weights(ctx.weights, e)
-        y1, h_saved, _ = _flow_forward(x_saved, probs, fw.fc1, fw.fc2, groups, be, need_output=False)
+        y1, h_saved, _ = _flow_forward(x_saved, probs, fw.fc1, fw.fc2, groups, be, need_output=False,
+                                       scale_layout=ctx.scale_layout)
     else:
         y1, probs = ctx.saved_tensors
     if cfg.mode == "blockwise":
         dout_b = dout if fp8_payload(dout) is None else fp8_payload(dout).dequantize(torch.bfloat16)
-        d_row, d_col = fp8.quantize_row_and_col(dout_b.bfloat16(), groups, col_storage=storage)
+        d_row, d_col = fp8.quantize_row_and_col(dout_b.bfloat16(), groups, col_storage=storage,
+                                                scale_layout=ctx.scale_layout)
         x_col, h_col = x_saved, h_saved
     else:
-        d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout)
+        d_row = fp8_payload(dout) if fp8_payload(dout) is not None else fp8.quantize(dout, scale_layout=ctx.scale_layout)
         d_col = _colwise(d_row, groups, cfg, storage)
         h_col = _colwise(h_saved, groups, cfg, storage)
     dh = _dgrad(d_row, fw, "fc2", groups, be)
@@ -219,10 +193,10 @@ def _fp8_backward(ctx, dout, main):
     del d_col, h_col
     if cfg.mode == "blockwise":
         dy1, _, dprobs = swiglu_quant_backward(dh, y1, probs, dx_dtype=torch.bfloat16)
-        dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups, col_storage=storage)
+        dy1_row, dy1_col = fp8.quantize_row_and_col(dy1, groups, col_storage=storage, scale_layout=ctx.scale_layout)
     else:
         with cast_point("fused_quantize"):
-            data, scale, dprobs = swiglu_quant_backward(dh, y1, probs)
+            data, scale, dprobs = swiglu_quant_backward(dh, y1, probs, scale_layout=ctx.scale_layout)
         dy1_row = BlockwiseFP8Tensor(data, scale, fp8.Layout.ROWWISE, tuple(data.shape))
         dy1_col = _colwise(dy1_row, groups, cfg, storage)
         x_col = _colwise(x_saved, groups, cfg, storage)
@@ -320,11 +294,11 @@ def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
         return _FP8Weights(stacked(fc1), stacked(fc2), sources={"fc1": list(fc1), "fc2": list(fc2)})
 
 
-def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True):
+def _flow_forward(x8, probs, w1_8, w2_8, groups, backend, need_output=True, scale_layout="row_major"):
     """fc1 -> weighted SwiGLU + quantize -> fc2 on FP8 operands. Returns (Y1, H8, out or None)."""
     y1 = gemm.grouped_rowwise_gemm(x8, w1_8, groups, backend=backend)
     with cast_point("fused_quantize"):
-        h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs)
+        h8_data, h8_scale, _ = swiglu_quant_forward(y1, probs, scale_layout=scale_layout)
     h8 = BlockwiseFP8Tensor(h8_data, h8_scale, fp8.Layout.ROWWISE, tuple(h8_data.shape))
     out = gemm.grouped_rowwise_gemm(h8, w2_8, groups, backend=backend) if need_output else None
     return y1, h8, out

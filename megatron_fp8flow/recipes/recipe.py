@@ -2,7 +2,7 @@
 
 A recipe is a flat map of Megatron arguments in snake_case (``num_layers: 61``), an optional
 ``extends:`` (a recipe name or a path relative to the file; later keys override) and an optional
-``fp8flow:`` section with :class:`~megatron_fp8flow.megatron.settings.FP8FlowSettings` fields
+``fp8flow:`` section with :class:`~megatron_fp8flow.moe.settings.FP8FlowSettings` fields
 plus ``enabled``. Every key is checked against Megatron-LM's ``pretrain_gpt`` arguments (the
 lists in ``megatron_args/``, one per Megatron-LM release, read from its parser by
 ``scripts/megatron_arg_names.py``) and every ``fp8flow`` value against the plugin's settings; an
@@ -23,7 +23,13 @@ from ..resources import data_dir
 
 CONFIG_DIR = data_dir("configs")  # the package's copy of configs/, or the checkout's (see resources.py)
 MEGATRON_ARGS_DIR = Path(__file__).resolve().parent / "megatron_args"
-FP8FLOW_KEYS = {"enabled", "mode", "sat_variant", "align", "recompute_experts", "gemm_backend"}
+
+
+def fp8flow_keys() -> set:
+    """The keys of a recipe's ``fp8flow:`` section: ``enabled`` and the settings' fields."""
+    from ..moe.settings import KEYS
+
+    return {"enabled", *KEYS}
 
 
 class RecipeError(ValueError):
@@ -109,11 +115,11 @@ def validate(recipe: Recipe, overridden=()) -> Recipe:
         if isinstance(value, dict):
             raise RecipeError(f"{where}: {key!r} must be a value or a list, not a map")
     for key in recipe.fp8flow:
-        if key not in FP8FLOW_KEYS:
-            raise RecipeError(f"{where}: unknown fp8flow setting {key!r}; expected one of {sorted(FP8FLOW_KEYS)}")
+        if key not in fp8flow_keys():
+            raise RecipeError(f"{where}: unknown fp8flow setting {key!r}; expected one of {sorted(fp8flow_keys())}")
     check_recipe_values(recipe.args, recipe.fp8flow, where, overridden)
     if recipe.fp8flow_enabled:
-        from ..megatron.settings import FP8FlowSettings
+        from ..moe.settings import FP8FlowSettings
 
         try:
             FP8FlowSettings(**{k: v for k, v in recipe.fp8flow.items() if k != "enabled"})
@@ -169,12 +175,8 @@ def to_argv(recipe: Recipe) -> List[str]:
         else:
             argv += [flag, str(value)]
     if recipe.fp8flow_enabled:
+        from ..moe.settings import to_argv as settings_argv
+
         argv.append("--moe-fp8-flow")
-        names = {"mode": "--moe-fp8-flow-mode", "sat_variant": "--moe-fp8-flow-sat", "align": "--moe-fp8-flow-align",
-                 "gemm_backend": "--moe-fp8-flow-gemm-backend"}
-        for key, flag in names.items():
-            if key in recipe.fp8flow:
-                argv += [flag, str(recipe.fp8flow[key])]
-        if recipe.fp8flow.get("recompute_experts"):
-            argv.append("--moe-fp8-flow-recompute-experts")
+        argv += settings_argv(recipe.fp8flow)
     return argv
