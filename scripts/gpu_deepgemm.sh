@@ -31,7 +31,8 @@ print(b.render(b.run(out_dir='$out/grouped_gemm', backends=('deepgemm', 'cublas'
 experts() {
   timeout "${EXPERTS_TIMEOUT:-300}" python3 -c "
 from megatron_fp8flow.benchmarks import expert_block as b
-print(b.render(b.run(out_dir='$out/$2', routings=('$1',))))" 2>&1 | quiet | tail -n 60
+print(b.render(b.run(out_dir='$out/$2', routings=('$1',), contracts=tuple('${CONTRACTS:-main_grad param}'.split()))))" \
+    2>&1 | quiet | tail -n 60
 }
 step_experts() { experts balanced expert_block; }
 step_breakdown() {
