@@ -84,7 +84,8 @@ def _linear_rows(name: str, n: int, k: int, experts: int, device, backends) -> l
     def add(product, backend, call, ref=None, into="", extra_bytes=0):
         out = call()
         if ref is not None:
-            rel = max(_rel(o, r) for o, r in zip(out if isinstance(out, list) else [out], ref if isinstance(ref, list) else [ref]))
+            pairs = zip(out if isinstance(out, list) else [out], ref if isinstance(ref, list) else [ref])
+            rel = max(_rel(o, r) for o, r in pairs)
             if rel > 2e-2:
                 raise AssertionError(f"{name} {product} {backend}, {experts} experts: off by {rel:.3g}")
         ms = bench_ms(call)

@@ -30,9 +30,9 @@ from .emulated import EmulatedBackend
 from .triton import TritonBackend
 
 __all__ = [
-    "BACKENDS", "GemmBackend", "OperandLayouts", "backend_for_groups", "dgrad_weights", "get_backend",
-    "resolve_backend", "layouts", "grouped_dgrad", "grouped_rowwise_gemm", "grouped_wgrad", "inside_gemm", "outer_major_group_scales",
-    "stacked_view", "stacked_view_or_copy", "WeightStack",
+    "BACKENDS", "GemmBackend", "OperandLayouts", "WeightStack", "backend_for_groups", "dgrad_weights",
+    "get_backend", "grouped_dgrad", "grouped_rowwise_gemm", "grouped_wgrad", "inside_gemm", "layouts",
+    "outer_major_group_scales", "resolve_backend", "stacked_view", "stacked_view_or_copy",
 ]
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8.format import BLOCK, FP8_DTYPE, GroupSplits, cdiv
+from ..fp8.format import FP8_DTYPE, GroupSplits, cdiv
 from .fp8_common import (
     decode_e4m3,
     encode_e4m3,
@@ -242,7 +242,6 @@ def scaling_aware_transpose(
     if block_k not in (32, 64, 128):
         raise ValueError(f"block_k must be 32, 64 or 128, got {block_k}")
     m, k = data.shape
-    num_kb = cdiv(k, BLOCK)
     dev = data.device
     data_t = torch.empty(k * m if per_group else (k, m), dtype=FP8_DTYPE, device=dev)
     alloc = torch.empty if groups.exact else torch.zeros
