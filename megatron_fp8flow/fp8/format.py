@@ -40,6 +40,17 @@ NAN_CODE = 0x7F
 SplitsLike = Union[Sequence[int], torch.Tensor, "GroupSplits"]
 
 
+def _parse_choice(cls, value, what: str):
+    """A member of the string enum ``cls`` from itself or its value, or an error naming the valid ones."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        valid = ", ".join(repr(v.value) for v in cls)
+        raise ValueError(f"unknown {what} {value!r}; expected one of {valid}") from None
+
+
 class ColStorage(str, enum.Enum):
     """How the transposed data of a column-wise tensor is stored (see the module docstring)."""
 
@@ -48,13 +59,7 @@ class ColStorage(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: Union[str, "ColStorage"]) -> "ColStorage":
-        if isinstance(value, ColStorage):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"unknown column-wise storage {value!r}; expected one of {valid}") from None
+        return _parse_choice(cls, value, "column-wise storage")
 
 
 class Layout(str, enum.Enum):
@@ -66,13 +71,7 @@ class Layout(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: Union[str, "Layout"]) -> "Layout":
-        if isinstance(value, Layout):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(repr(v.value) for v in cls)
-            raise ValueError(f"unknown FP8 layout {value!r}; expected one of {valid}") from None
+        return _parse_choice(cls, value, "FP8 layout")
 
 
 def cdiv(a: int, b: int) -> int:
