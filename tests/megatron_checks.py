@@ -148,7 +148,7 @@ def compact_loop_smoke(rank, world, port, queue):
     kept = {}
     history = loop.train(recipe, steps=5, keep_model=kept)
     model = kept["model"]
-    shared = {n: hashlib.sha256(p.detach().float().numpy().tobytes()).hexdigest()  # exact: bf16 -> fp32
+    shared = {n: hashlib.sha256(p.detach().float().cpu().numpy().tobytes()).hexdigest()  # exact: bf16 -> fp32
               for n, p in model.named_parameters() if not loop._is_expert(p)}
     experts = sum(1 for p in model.parameters() if loop._is_expert(p))
     queue.put((rank, {"history": history, "shared": shared, "expert_params": experts,
@@ -171,7 +171,7 @@ def compact_loop_on_indexed_data(rank, world, port, queue):
                                               "eval_iters": 1, "data_path": [prefix], "split": "90,10,0"})
     batches = loop._batches(recipe.args, 2, 0)
     history = loop.train(recipe, steps=2)
-    digest = {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in (("train", batches.train),
+    digest = {k: hashlib.sha256(v.cpu().numpy().tobytes()).hexdigest() for k, v in (("train", batches.train),
                                                                                 ("valid", batches.valid))}
     # Small results only: the parent reads the queue after the ranks end (a full pipe would block).
     queue.put((rank, {"history": history, "sizes": (len(batches.train), len(batches.valid)), **digest}))
@@ -179,6 +179,7 @@ def compact_loop_on_indexed_data(rank, world, port, queue):
 
 def model_specs(rank, world, port, queue):
     """What the compact loop's specs build for a 3-layer MLA recipe with moe_layer_freq [0,1,1]."""
+    from megatron_fp8flow.megatron import compat
     from megatron_fp8flow.megatron.compat import spec_builds
     from megatron_fp8flow.megatron.spec import gpt_model_specs
     from megatron_fp8flow.recipes import load_recipe
@@ -189,7 +190,7 @@ def model_specs(rank, world, port, queue):
     cfg = config_class(args)(**config_kwargs(args))
     block, mtp = gpt_model_specs(cfg, FP8FlowSettings())
     stock, _ = gpt_model_specs(cfg, None)
-    mtp_layer = mtp.layer_specs[0].submodules.transformer_layer
+    mtp_layer = compat.mtp_layer_spec(mtp.layer_specs[0].submodules)
     queue.put((rank, {
         "config": type(cfg).__name__,
         "plugin": [spec_builds(layer.submodules.mlp).__name__ for layer in block.layer_specs],

@@ -98,7 +98,7 @@ def test_indexed_dataset_of_real_text(tmp_path, capsys):
     cut, valid = int(0.9 * len(stream)), int(0.1 * len(stream))
 
     def digest(t):
-        return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+        return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()
 
     assert run["sizes"] == (cut, valid) and run["train"] == digest(stream[:cut])
     assert run["valid"] == digest(stream[cut:cut + valid])

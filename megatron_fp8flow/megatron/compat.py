@@ -101,6 +101,16 @@ def moe_spec_function_modules() -> list:
     return [m for m in (moe_module_specs, gpt_layer_specs) if hasattr(m, "get_moe_module_spec_for_backend")]
 
 
+def mtp_layer_spec(mtp_layer_submodules):
+    """The transformer layer spec inside an MTP layer's submodules: ``transformer_layer`` up to
+    0.18, ``mtp_model_layer`` from 0.19."""
+    for name in ("mtp_model_layer", "transformer_layer"):
+        spec = getattr(mtp_layer_submodules, name, None)
+        if spec is not None:
+            return spec
+    raise AttributeError(f"{type(mtp_layer_submodules).__name__} has neither mtp_model_layer nor transformer_layer")
+
+
 def build_from_spec(spec: Any, **kwargs):
     """Build a module from a ``ModuleSpec`` (every version) or a ``functools.partial`` (0.18+)."""
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
