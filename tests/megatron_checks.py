@@ -238,3 +238,43 @@ def compact_loop_resume(rank, world, port, queue):
     same_weights = len(tensors) > 10 and all(a.equal(b) for a, b in tensors)
     queue.put((rank, {"whole": whole, "first": first, "resumed": resumed, "saved": saved, "latest": latest,
                       "same_weights": same_weights, "refused": refused, "refused_steps": refused_steps}))
+
+
+def fp8_weights_once_per_step(rank, world, port, queue):
+    """How often the expert weights are quantized over two steps of three microbatches, with and
+    without cache_fp8_weights, when Megatron's schedule marks each step's first microbatch (and,
+    with the cache, when nothing marks it); and whether the cached run's gradients are the
+    uncached run's bits."""
+    from megatron_fp8flow.moe import experts as mx
+
+    sm.init_parallel(rank, world, ep=world, port=port)
+    calls = []
+    original = mx._quantize_weights
+
+    def counting(weights, num_experts):
+        calls.append(num_experts)
+        return original(weights, num_experts)
+
+    mx._quantize_weights = counting
+    shape = sm.device_shape(num_layers=1, mtp_layers=0)
+    cfg = sm.config(shape)
+    out, grads = {}, {}
+    for name, cache, marked in (("plain", False, True), ("cached", True, True), ("cached_unmarked", True, False)):
+        model = sm.build(cfg, FP8FlowSettings(gemm_backend=BACKEND, cache_fp8_weights=cache), shape=shape, seed=5)
+        counts = []
+        for step in range(2):
+            calls.clear()
+            if marked:
+                model.set_is_first_microbatch()  # what Megatron's schedules call on microbatch 0
+            for mb in range(3):
+                sm.loss_and_backward(model, sm.batch(shape, seed=10 * step + mb))
+            counts.append(len(calls))
+            if step == 0:
+                grads[name] = _grads(model)
+                with torch.no_grad():  # an optimizer step: the next step must see new FP8 weights
+                    for p in model.parameters():
+                        p.add_(1e-3)
+                model.zero_grad(set_to_none=True)
+        out[name] = counts
+    same = all(torch.equal(grads["plain"][n], grads["cached"][n]) for n in grads["plain"])
+    queue.put((rank, {"counts": out, "same_grads": same}))

@@ -200,10 +200,20 @@ def test_one_settings_object_generates_flags_recipe_keys_and_argv():
     parser = add_fp8flow_args(argparse.ArgumentParser())
     values = {"mode": "blockwise", "sat_variant": "tile", "align": 128, "recompute_experts": False,
               "gemm_backend": "cublas", "bf16_gemm": "torch", "gradient_accumulation_fusion": True,
-              "check_finite": True}
+              "cache_fp8_weights": True, "check_finite": True}
     assert set(values) == set(st.KEYS) and fp8flow_keys() == {"enabled", *st.KEYS}
     back = settings_from_args(parser.parse_args(["--moe-fp8-flow", *st.to_argv(values)]))
     assert back == FP8FlowSettings(**values)
     flags = {a for action in parser._actions for a in action.option_strings}
     assert {f.metadata["flag"] for f in dataclasses.fields(FP8FlowSettings)} <= flags
     assert st.ExpertPrecision is FP8FlowSettings and back.expert_precision() is back
+
+
+def test_expert_weights_quantized_once_per_step_with_megatron_marks():
+    """With cache_fp8_weights the experts quantize their weights once per step, on the first
+    microbatch that Megatron's schedules mark (set_is_first_microbatch, which stock Megatron
+    forwards only under TransformerEngine FP8), with the same gradient bits as quantizing in
+    every microbatch; nothing marked, they quantize in every call (never stale)."""
+    (result,) = sm.spawn(checks.fp8_weights_once_per_step, 1)
+    assert result["counts"] == {"plain": [3, 3], "cached": [1, 1], "cached_unmarked": [3, 3]}, result
+    assert result["same_grads"]

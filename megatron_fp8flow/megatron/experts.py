@@ -10,13 +10,42 @@ FP8 modes).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from ..fp8.format import GroupSplits
-from ..moe.experts import ExpertPrecision, run_expert_block
+from ..moe.experts import ExpertPrecision, quantize_expert_weights, run_expert_block
 from . import compat
+
+logger = logging.getLogger(__name__)
+
+
+def install_first_microbatch_marks() -> None:
+    """Let Megatron's schedules mark the plugin's experts on each step's first microbatch.
+
+    The schedules call ``model.set_is_first_microbatch()`` on every step's first microbatch,
+    but Megatron only forwards it to modules when ``config.fp8`` (TransformerEngine) is on. This
+    wraps that method, once and idempotently, to also mark every :class:`FP8FlowExperts`."""
+    from megatron.core.transformer.module import MegatronModule
+
+    original = MegatronModule.set_is_first_microbatch
+    if getattr(original, "_marks_fp8flow_experts", False):
+        return
+
+    def set_is_first_microbatch(self):
+        original(self)
+        experts = self.__dict__.get("_fp8flow_experts")
+        if experts is None:
+            experts = [m for m in self.modules() if isinstance(m, FP8FlowExperts)]
+            self.__dict__["_fp8flow_experts"] = experts
+        for m in experts:
+            m.is_first_microbatch = True
+
+    set_is_first_microbatch._marks_fp8flow_experts = True
+    MegatronModule.set_is_first_microbatch = set_is_first_microbatch
 
 
 def _check_config(config, num_local_experts: int) -> None:
@@ -46,6 +75,40 @@ class FP8FlowExperts(SequentialMLP):
             pg_collection = compat.default_pg_collection()
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection, **kwargs)
         self.precision = precision
+        self._fp8_weights = None  # (parameter addresses, FP8 weights) of this step, with cache_fp8_weights
+        self._first = False
+        self._marked = False  # Megatron's schedules have marked a first microbatch at least once
+        if precision.cache_fp8_weights:
+            install_first_microbatch_marks()
+
+    @property
+    def is_first_microbatch(self) -> bool:
+        """Set by Megatron's schedules (``set_is_first_microbatch``) on each step's first
+        microbatch: the FP8 weights are quantized then and reused by the step's other ones."""
+        return self._first
+
+    @is_first_microbatch.setter
+    def is_first_microbatch(self, value: bool) -> None:
+        self._first = bool(value)
+        self._marked = self._marked or self._first
+
+    def _step_fp8_weights(self, weights):
+        """The FP8 weights this call uses: None (quantize in the call) unless the cache is asked
+        for and the schedules mark first microbatches; then quantized on the first microbatch of
+        a step (or when the parameters moved) and reused by the others."""
+        if not (self.precision.cache_fp8_weights and self.precision.mode != "bf16"):
+            return None
+        if not self._marked:
+            if not getattr(self, "_warned_unmarked", False):
+                logger.warning("cache_fp8_weights: nothing marks the first microbatch of a step (Megatron's "
+                               "schedules do); quantizing the expert weights in every call")
+                self._warned_unmarked = True
+            return None
+        where = tuple(w.data_ptr() for w in weights)
+        if self._first or self._fp8_weights is None or self._fp8_weights[0] != where:
+            self._fp8_weights = (where, quantize_expert_weights(weights, self.num_local_experts))
+            self._first = False
+        return self._fp8_weights[1]
 
     def expert_weights(self):
         """fc1 weights of every local expert, then fc2's (the block's parameter order)."""
@@ -58,7 +121,8 @@ class FP8FlowExperts(SequentialMLP):
             tokens_per_expert = tokens_per_expert.tolist()  # host sizes; the plugin's dispatcher passes a list
         sizes = [int(v) for v in tokens_per_expert]
         groups = GroupSplits.build(sizes, tokens.shape[0], tokens.device)
+        weights = self.expert_weights()
         out = run_expert_block(tokens, permuted_probs.reshape(-1), groups, self.num_local_experts,
-                               self.precision, self.expert_weights())
+                               self.precision, weights, self._step_fp8_weights(weights))
         return out, None
 

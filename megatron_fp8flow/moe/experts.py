@@ -278,6 +278,12 @@ def _dgrad(grad: BlockwiseFP8Tensor, fw: _FP8Weights, which: str, groups: GroupS
     return gemm.grouped_dgrad(grad, fw.transposed(which), groups, backend=backend)
 
 
+def quantize_expert_weights(weights, num_experts: int) -> "_FP8Weights":
+    """The FP8 weights of one expert block (fc1 weights of every expert, then fc2's), for
+    callers that keep them across microbatches and pass them to :func:`run_expert_block`."""
+    return _quantize_weights(weights, num_experts)
+
+
 def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
     """128x128 FP8 copies of the fc1 and fc2 weights, each linear's in one stacked buffer."""
     def stacked(ws):
