@@ -18,6 +18,8 @@ import pytest
 
 import megatron_fp8flow
 from megatron_fp8flow.recipes import list_recipes, load_recipe, to_argv
+
+from test_patching import SCRIPT  # the pretrain_gpt.py of a Megatron-LM checkout, per release
 from megatron_fp8flow.resources import DATA_FOLDERS, data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,19 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
                                      ".pytest_cache", ".hypothesis", "fp8flow_results", "*.whl")
 
-# pretrain_gpt.py of a Megatron-LM 0.16 checkout, around the lines the patch touches.
-PRETRAIN_GPT_016 = '''"""A training script."""
-import os
-from model_provider import model_provider
-
-if __name__ == "__main__":
-    pretrain(
-        datasets_provider,
-        args_defaults={'tokenizer_type': 'GPT2BPETokenizer'},
-        extra_args_provider=add_modelopt_args if has_nvidia_modelopt else None,
-        store=store,
-    )
-'''
 
 
 def _source_files(folder: str):
@@ -127,7 +116,7 @@ def test_installed_wheel_cli_without_checkout(wheel, tmp_path):
     root = tmp_path / "Megatron-LM"
     (root / "megatron" / "core").mkdir(parents=True)
     (root / "megatron" / "core" / "package_info.py").write_text("MAJOR = 0\nMINOR = 16\nPATCH = 1\n")
-    (root / "pretrain_gpt.py").write_text(PRETRAIN_GPT_016)
+    (root / "pretrain_gpt.py").write_text(SCRIPT[16])
     out = cli("patch", "--dry-run", str(root))
     assert "core_r0.16.0/pretrain_gpt.patch: would apply" in out
-    assert (root / "pretrain_gpt.py").read_text() == PRETRAIN_GPT_016
+    assert (root / "pretrain_gpt.py").read_text() == SCRIPT[16]
