@@ -289,33 +289,25 @@ def _number(text: str, kind, allowed: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    """A count, size or step number: 1, 2, ..."""
-    value = _number(text, int, "a positive integer (1, 2, ...)")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} given; expected a positive integer (1, 2, ...)")
-    return value
-
-
-def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low`` (``what``: why, shown in the message)."""
-    allowed = f"an integer >= {low}{f' ({what})' if what else ''}"
-
+def _int_at_least(low: int, allowed: str, name: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _number(text, int, allowed)
         if value < low:
             raise argparse.ArgumentTypeError(f"{text} given; expected {allowed}")
         return value
 
-    parse.__name__ = f"int_at_least_{low}"
+    parse.__name__ = name
     return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} given; expected an integer >= 0")
-    return value
+def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (``what``: why, shown in the message)."""
+    return _int_at_least(low, f"an integer >= {low}{f' ({what})' if what else ''}", f"int_at_least_{low}")
+
+
+# A count, size or step number: 1, 2, ...
+positive_int = _int_at_least(1, "a positive integer (1, 2, ...)", "positive_int")
+non_negative_int = _int_at_least(0, "an integer >= 0", "non_negative_int")
 
 
 # The precisions the compact loop trains: name -> the plugin's mode.
