@@ -153,7 +153,7 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
     if mode == "bf16":
         from ..gemm import bf16
 
-        engine = bf16.resolve_engine(bf16_gemm, device, sizes)
+        engine = bf16.resolve_engine(bf16_gemm, device, sizes, into_main_grad=fused)
     return BlockRow(mode, recompute, experts, routing, m, t, flops / (t * 1e-3) / 1e12, held / 1e9, peak / 1e9,
                     _fp8_cache_bytes(module) / 1e9, floor_ms, floor_ms / t,
                     gemm.resolve_backend(gemm_backend, device) if mode != "bf16" else "-",

@@ -2,10 +2,10 @@
 
 Two engines behind one pair of functions: ``torch`` (``torch._grouped_mm``, any CUDA GPU with
 it, and CPU) and ``deepgemm`` (DeepGEMM's bf16 M-grouped GEMMs and its K-grouped wgrad, which
-accumulates into fp32 in place). ``auto`` takes DeepGEMM on Hopper when it imports and the groups
-are padded to its alignment, else torch (the rule follows the measurements in BENCHMARKS.md:
-DeepGEMM's bf16 grouped GEMMs were faster at every expert count measured; written once in the
-parameter dtype, torch's wgrad is the one that needs no fp32 pass).
+accumulates into fp32 in place). ``auto`` follows the measurements in BENCHMARKS.md: with the
+weight gradients going into fp32 main gradients, DeepGEMM on Hopper (when it imports and the
+groups are padded to its alignment) was faster at every expert count; written once in bf16,
+the two were within a few percent either way, and torch needs no alignment.
 """
 
 from __future__ import annotations
@@ -21,13 +21,16 @@ from .contract import stacked_view
 ENGINES = ("auto", "torch", "deepgemm")
 
 
-def resolve_engine(engine: str, device, sizes: Sequence[int]) -> str:
+def resolve_engine(engine: str, device, sizes: Sequence[int], into_main_grad: bool = False) -> str:
+    """The engine ``engine`` means here. ``auto``: DeepGEMM when the weight gradients go into
+    fp32 main gradients (its K-grouped wgrad accumulates in place), it runs here and the groups
+    are aligned; torch otherwise (written once in bf16 the two measured within a few percent)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown bf16 GEMM engine {engine!r}; expected one of {ENGINES}")
     device = torch.device(device)
     if engine == "auto":
-        if (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and dg.available()
-                and all(s % dg.alignment() == 0 for s in sizes)):
+        if (into_main_grad and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+                and dg.available() and all(s % dg.alignment() == 0 for s in sizes)):
             return "deepgemm"
         return "torch"
     if engine == "deepgemm":

@@ -107,7 +107,8 @@ class _ExpertMLPFunction(torch.autograd.Function):
 def _bf16_forward(ctx, x, probs, cfg, groups, weights, e):
     x8 = fp8_payload(x)
     xb = (x8.dequantize(torch.bfloat16) if x8 is not None else x).bfloat16()
-    engine = bf16_gemm.resolve_engine(cfg.bf16_gemm, xb.device, groups.host_sizes())
+    engine = bf16_gemm.resolve_engine(cfg.bf16_gemm, xb.device, groups.host_sizes(),
+                                      into_main_grad=cfg.gradient_accumulation_fusion)
     w1 = gemm.stacked_view_or_copy([w.bfloat16() for w in weights[:e]])
     w2 = gemm.stacked_view_or_copy([w.bfloat16() for w in weights[e:]])
     y1 = bf16_gemm.grouped_mm(xb, w1, groups, engine)
