@@ -73,10 +73,24 @@ def _returned_grads(weights, grads, accumulated: bool):
     for w in weights:
         if hasattr(w, "grad_added_to_main_grad"):
             w.grad_added_to_main_grad = True
-            out.append(torch.empty(w.shape, dtype=w.dtype, device=w.device))  # never read by DDP
+            out.append(_stand_in_grad(w))
         else:
             out.append(None)
     return out
+
+
+def _stand_in_grad(w: torch.Tensor) -> torch.Tensor:
+    """The gradient autograd hands to DDP's hook for a weight whose gradient is already in
+    main_grad. The hook drops it unread, so it borrows main_grad's bytes instead of allocating:
+    Megatron's layers allocate an empty one per weight, but here every expert weight's would be
+    alive at once (the size of all the layer's expert weights). A weight whose hook adds
+    ``.grad`` anyway (``zero_out_wgrad``) gets zeros, as in Megatron."""
+    if getattr(w, "zero_out_wgrad", False):
+        return torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+    main, nbytes = w.main_grad, w.numel() * w.element_size()
+    if main.is_contiguous() and main.numel() * main.element_size() >= nbytes and nbytes % w.element_size() == 0:
+        return main.reshape(-1).view(torch.uint8)[:nbytes].view(w.dtype).view(w.shape)
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
 class _ExpertMLPFunction(torch.autograd.Function):

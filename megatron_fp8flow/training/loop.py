@@ -4,9 +4,10 @@ python-docs corpus, or the Megatron indexed datasets a recipe names in ``data_pa
 Megatron-LM's ``pretrain()`` (:mod:`megatron_fp8flow.pretrain_gpt`) is the full launcher; this
 loop runs where ``megatron.training`` is missing (the 0.16 wheel, CI, the CPU demo) and is what
 the side-by-side precision comparisons use. It keeps what matters for comparing precisions:
-fp32 master weights with AdamW, gradient accumulation to the global batch, warm-up + cosine
-learning rate, gradient clipping, the router's expert-bias update once per step, and the MTP
-and auxiliary losses Megatron adds in the backward. With Megatron's ``save`` /
+fp32 master weights with AdamW, gradient accumulation to the global batch in fp32 ``main_grad``
+buffers with Megatron DDP's contract (the plugin's experts add theirs inside the GEMMs), warm-up
++ cosine learning rate, gradient clipping, the router's expert-bias update once per step, and
+the MTP and auxiliary losses Megatron adds in the backward. With Megatron's ``save`` /
 ``save_interval`` / ``load`` and ``exit_interval`` a long run goes on over several jobs
 (:mod:`.checkpoint`).
 
@@ -28,6 +29,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..megatron.main_grad import MainGrads
 from ..megatron.settings import FP8FlowSettings
 from ..recipes import Recipe, RecipeError
 from . import checkpoint
@@ -50,6 +52,7 @@ def _settings(recipe: Recipe) -> Optional[FP8FlowSettings]:
     if not recipe.fp8flow_enabled:
         return None
     s = {k: v for k, v in recipe.fp8flow.items() if k != "enabled"}
+    s.setdefault("gradient_accumulation_fusion", True)  # the loop keeps Megatron DDP's fp32 main_grad
     if not torch.cuda.is_available():
         s["gemm_backend"] = "emulated"  # no FP8 tensor cores on a CPU
     return FP8FlowSettings(**s)
@@ -216,7 +219,10 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
     settings = _settings(recipe)
     model = build_model(args, settings)
     params = [p for p in model.parameters() if p.requires_grad]
+    main_grads = MainGrads(model)  # fp32 gradients over the step's microbatches, as Megatron's DDP keeps them
     master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    for m, p in zip(master, params):
+        m.grad = p.main_grad  # the optimizer reads the main gradients in place: no copy
     opt = torch.optim.AdamW(master, lr=args.get("lr", 1e-4), betas=(args.get("adam_beta1", 0.9),
                             args.get("adam_beta2", 0.95)), eps=args.get("adam_eps", 1e-8),
                             weight_decay=args.get("weight_decay", 0.0))
@@ -251,8 +257,7 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
         lr = _lr(args, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        for p in params:
-            p.grad = None
+        main_grads.zero()
         step_loss = torch.zeros((), device=dev)
         for _ in range(accumulate):
             ids, labels = (t.to(dev) for t in data.next())
@@ -262,8 +267,6 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
             tokens += ids.numel() * world
         if model.config.moe_router_enable_expert_bias:
             _update_router_expert_bias([model], model.config)
-        for m, p in zip(master, params):
-            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
         norms.append(_sync_and_clip(params, master, args.get("clip_grad"), world))
         opt.step()
         with torch.no_grad():
