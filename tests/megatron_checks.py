@@ -124,9 +124,12 @@ def moe_layer_benchmark_smoke(rank, world, port, queue):
 
     sm.init_parallel(rank, world, ep=world, port=port)
     width = sm.device_shape().hidden  # cuBLAS's blockwise FP8 GEMMs need K % 512 == 0 on the GPU
-    result = moe_layer.run(hidden=width, moe_ffn=width, local_experts=2, topk=2, tokens=32,
-                           modes=("stock", "bf16", "flow"), reps=1, warmup=1)
-    queue.put((rank, None if result is None else moe_layer.render(result)))
+    tables = []
+    for grads in moe_layer.CONTRACTS:
+        result = moe_layer.run(hidden=width, moe_ffn=width, local_experts=2, topk=2, tokens=32,
+                               modes=("stock", "bf16", "flow"), reps=1, warmup=1, grads=grads)
+        tables.append(None if result is None else moe_layer.render(result))
+    queue.put((rank, tables))
 
 
 def compact_loop_smoke(rank, world, port, queue):
@@ -214,7 +217,8 @@ def compact_loop_resume(rank, world, port, queue):
     # loop's state, and interpreting the kernels for four runs would take minutes.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port), TRITON_INTERPRET="0")
     base = {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2, "global_batch_size": 4,
-            "log_interval": 1, "eval_interval": 2, "eval_iters": 1, "lr_warmup_iters": 1, "train_iters": 3}
+            "log_interval": 1, "eval_interval": 2, "eval_iters": 1, "lr_warmup_iters": 1, "train_iters": 3,
+            "deterministic_mode": True}  # on a GPU, atomics in a few backward ops would differ run to run
     whole_kept, kept = {}, {}
     whole = loop.train(load_recipe("proxies/tiny_cpu", base), keep_model=whole_kept)
     with tempfile.TemporaryDirectory() as d:
@@ -278,3 +282,82 @@ def fp8_weights_once_per_step(rank, world, port, queue):
         out[name] = counts
     same = all(torch.equal(grads["plain"][n], grads["cached"][n]) for n in grads["plain"])
     queue.put((rank, {"counts": out, "same_grads": same}))
+
+
+def main_grad_contract(rank, world, port, modes, queue):
+    """Megatron DDP's gradient contract (fp32 main_grad, fused accumulation by the experts,
+    hooks for the rest) on the small model, per mode: with and without the experts' fusion,
+    and over two microbatches."""
+    from megatron_fp8flow.megatron.main_grad import MainGrads, expert_weight_runs
+
+    sm.init_parallel(rank, world, ep=world, port=port)
+    shape = sm.device_shape(num_layers=1, mtp_layers=0)
+    cfg = sm.config(shape)
+    first, second = sm.batch(shape, seed=21 + rank), sm.batch(shape, seed=22 + rank)
+    out = {}
+    for mode in modes:
+        runs = {}
+        for fused in (False, True):
+            model = sm.build(cfg, FP8FlowSettings(mode=mode, gemm_backend=BACKEND, gradient_accumulation_fusion=fused),
+                             shape=shape)
+            grads = MainGrads(model)
+            sm.loss_and_backward(model, first)
+            names = {id(p): n for n, p in model.named_parameters()}
+            one = {names[id(p)]: p.main_grad.clone() for p in grads.params}
+            left_grads = [names[id(p)] for p in grads.params if p.grad is not None]
+            sm.loss_and_backward(model, second)
+            two = {names[id(p)]: p.main_grad.clone() for p in grads.params}
+            grads.zero()
+            sm.loss_and_backward(model, second)
+            alone = {names[id(p)]: p.main_grad.clone() for p in grads.params}
+            experts = {names[id(p)] for run in expert_weight_runs(model) for p in run}
+            flagged = all(p.grad_added_to_main_grad == fused for run in expert_weight_runs(model) for p in run)
+            runs[fused] = (one, two, alone, experts, left_grads, flagged)
+        (one_p, _, _, experts, left_p, flag_p), (one_f, two_f, alone_f, _, left_f, flag_f) = runs[False], runs[True]
+        out[mode] = {
+            "experts": len(experts),
+            "flagged": flag_p and flag_f,
+            "grads_left": left_p + left_f,
+            # fused: the fp32 gradient itself; unfused: the same rounded once to bf16 by autograd
+            "experts_fused_round_to_unfused": all(torch.equal(one_f[n].bfloat16().float(), one_p[n]) for n in experts),
+            "experts_fused_differs": any(not torch.equal(one_f[n], one_p[n]) for n in experts),
+            "others_equal": all(torch.equal(one_f[n], one_p[n]) for n in one_p if n not in experts),
+            "accumulates": all(torch.equal(two_f[n], one_f[n] + alone_f[n]) for n in experts),
+            "nonzero": all(bool(one_f[n].abs().sum() > 0) for n in experts),
+        }
+    queue.put((rank, out))
+
+
+def layer_host_syncs(rank, world, port, modes, queue):
+    """Host syncs of one MoE layer's forward and backward per mode, under Megatron's DDP (fp32
+    main_grad, fused expert accumulation), counted by CUDA's sync-debug mode after a warm-up."""
+    import warnings
+
+    from megatron_fp8flow.benchmarks import moe_layer
+
+    sm.init_parallel(rank, world, ep=world, port=port)
+    shape = sm.device_shape(num_layers=1, mtp_layers=0, experts=8 * world, topk=4, groups=4, group_topk=2)
+    cfg = sm.config(shape)
+    x = torch.randn(256, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for mode in modes:
+        layer = moe_layer._layer(mode, cfg, fused=True)
+        module, _ = moe_layer.with_main_grads(layer, cfg)
+        for _ in range(2):
+            y, _ = module(x.detach().requires_grad_(True))
+            y.backward(torch.ones_like(y))
+        torch.cuda.synchronize()
+        counts = {}
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y, _ = module(x.detach().requires_grad_(True))
+                counts["forward"] = sum("synchroniz" in str(w.message) for w in caught)
+                caught.clear()
+                y.backward(torch.ones_like(y))
+                counts["backward"] = sum("synchroniz" in str(w.message) for w in caught)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out[mode] = counts
+    queue.put((rank, out))

@@ -163,8 +163,10 @@ def test_unsupported_configurations_are_named():
 
 
 def test_moe_layer_benchmark_runs():
-    table = sm.spawn(checks.moe_layer_benchmark_smoke, 1)[0]
-    assert "| stock | 1 | 2 | 32 |" in table and "| flow | 1 | 2 | 32 |" in table
+    main_grad, param = sm.spawn(checks.moe_layer_benchmark_smoke, 1)[0]
+    for table, grads in ((main_grad, "main_grad"), (param, "param")):
+        assert f"weight gradients into {grads}" in table
+        assert "| stock | 1 | 2 | 32 |" in table and "| flow | 1 | 2 | 32 |" in table
 
 
 def test_launch_hooks_follow_the_parsed_flags():
@@ -217,3 +219,35 @@ def test_expert_weights_quantized_once_per_step_with_megatron_marks():
     (result,) = sm.spawn(checks.fp8_weights_once_per_step, 1)
     assert result["counts"] == {"plain": [3, 3], "cached": [1, 1], "cached_unmarked": [3, 3]}, result
     assert result["same_grads"]
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
+def test_experts_accumulate_into_main_grad_like_megatron_ddp(world):
+    """With gradient_accumulation_fusion the expert GEMMs add their fp32 gradients into
+    main_grad (bit-equal to the unfused gradient before autograd rounds it to bf16, and summed
+    exactly over microbatches); nothing else changes, and no parameter keeps a .grad."""
+    if not _ranks_possible(world):
+        pytest.skip(f"needs {world} GPUs")
+    for rank_result in sm.spawn(checks.main_grad_contract, world, MODES):
+        for mode, r in rank_result.items():
+            assert r["experts"] > 0 and r["grads_left"] == [], (mode, r)
+            assert r["flagged"] and r["experts_fused_round_to_unfused"], (mode, r)
+            # the FP8 GEMMs return fp32 (rounded to bf16 only unfused); bf16's may be bf16 already
+            assert r["experts_fused_differs"] or mode == "bf16", (mode, r)
+            assert r["others_equal"] and r["accumulates"] and r["nonzero"], (mode, r)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
+def test_layer_syncs_the_host_once_per_forward(world):
+    """One host sync per MoE layer (the routed-token counts, in the forward), none in the
+    backward, in every mode (CUDA's sync-debug mode counts them)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("counts CUDA host syncs: needs a GPU")
+    if not _ranks_possible(world):
+        pytest.skip(f"needs {world} GPUs")
+    for rank_result in sm.spawn(checks.layer_host_syncs, world, MODES):
+        for mode, counts in rank_result.items():
+            # exactly one: the counts read is a sync, so zero would mean nothing was counted
+            assert counts["forward"] == 1 and counts["backward"] == 0, (mode, counts)

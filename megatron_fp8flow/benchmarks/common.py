@@ -68,3 +68,31 @@ def save_result(result: dict, out_dir: Optional[str], name: str) -> dict:
         with open(os.path.join(out_dir, name), "w") as fh:
             json.dump(result, fh, indent=1)
     return result
+
+
+KERNEL_CATEGORIES = (  # (category, substrings of lower-cased kernel names), first match wins
+    ("communication", ("nccl", "all_to_all", "alltoall", "allreduce", "all_gather", "reduce_scatter")),
+    ("attention", ("flash", "attention", "fmha", "sdpa", "softmax_warp")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "_amp_", "l2norm")),
+    ("GEMM", ("gemm", "sm90", "cutlass", "nvjet", "gmma", "grouped_mm", "cublas")),
+    ("SAT", ("_sat_",)),
+    ("cast", ("_quantize", "quant", "_dequantize")),
+    ("SwiGLU", ("swiglu",)),
+    ("permutation", ("scatter_rows", "gather_sum_rows", "scatter", "gather", "index", "sort", "cumsum", "nonzero")),
+    ("router", ("topk", "sigmoid")),
+    ("copy/fill", ("copy", "fill", "memset", "memcpy", "cat")),
+    ("elementwise", ("elementwise", "reduce", "norm", "mul", "add")),
+)
+
+
+def categorize_kernels(prof) -> Dict[str, Dict[str, float]]:
+    """({category: device ms}, {kernel: device ms}) over a torch.profiler run's device kernels."""
+    kernels: Dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3
+    cats: Dict[str, float] = {}
+    for name, ms in kernels.items():
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    return cats, kernels

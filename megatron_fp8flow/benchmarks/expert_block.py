@@ -22,7 +22,7 @@ import torch
 from .. import fp8, gemm
 from ..fp8.activation import FP8Activation
 from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
-from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, environment, save_result, warm_up
+from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, categorize_kernels, environment, save_result, warm_up
 
 HIDDEN, FFN, TOPK, TOKENS = 7168, 2048, 8, 4096
 
@@ -160,15 +160,6 @@ def bench_block(mode: str, recompute: bool, experts: int, routing: str, device, 
                     sorted(host)[len(host) // 2], wgrad_into, engine, launches)
 
 
-KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
-    ("GEMM", ("gemm", "sm90", "cutlass", "nvjet", "gmma", "grouped_mm")),
-    ("SAT", ("_sat_",)),
-    ("quantize", ("_quantize", "quant")),
-    ("SwiGLU", ("swiglu",)),
-    ("copy/fill", ("copy", "fill", "memset", "memcpy", "elementwise", "cat", "index")),
-)
-
-
 def breakdown(mode: str, experts: int, device, wgrad_into: str = "main_grad", bf16_gemm: str = "auto",
               gemm_backend: str = "auto", top: int = 12) -> dict:
     """Where one forward + backward goes: device time by kernel category and the top kernels
@@ -191,14 +182,7 @@ def breakdown(mode: str, experts: int, device, wgrad_into: str = "main_grad", bf
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3
-    cats = {}
-    for name, ms in kernels.items():
-        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
-        cats[cat] = cats.get(cat, 0.0) + ms
+    cats, kernels = categorize_kernels(prof)
     torch.cuda.synchronize()
     prof_host = cProfile.Profile()
     prof_host.enable()

@@ -7,7 +7,10 @@ experts at EP = N. Modes: ``stock`` (Megatron's MoELayer with SequentialMLP, the
 without TransformerEngine has), and the plugin's ``bf16``, ``blockwise`` and ``flow``.
 
 Per mode: median step time (device events around forward + backward, after warm-up; the maximum
-over ranks) and the peak memory allocated during a step.
+over ranks), the host time to issue a step, the memory kept from the forward for the backward and
+the peak allocated during a step (above the weights and gradient buffers). Weight gradients go
+where training puts them: into Megatron DDP's fp32 main_grad (``--grads param``: per-parameter
+``.grad``, no DDP).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .common import environment, save_result
+from .common import categorize_kernels, environment, save_result
 
 MODES = ("stock", "bf16", "blockwise", "flow")
+CONTRACTS = ("main_grad", "param")
 
 
 @dataclass
@@ -35,9 +39,12 @@ class LayerRow:
     peak_gb: float
     vs_stock: float = 0.0
     vs_bf16: float = 0.0
+    host_ms: float = 0.0  # CPU time to issue one step (the one host sync per layer included)
+    grads: str = "main_grad"  # where the weight gradients go (see run)
+    held_gb: float = 0.0  # kept from the forward for the backward (the output excluded)
 
 
-def _layer(mode: str, cfg):
+def _layer(mode: str, cfg, fused: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from ..megatron import FP8FlowSettings, apply_fp8flow_to_spec
@@ -46,15 +53,39 @@ def _layer(mode: str, cfg):
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False).submodules.mlp
     if mode != "stock":
         backend = "auto" if torch.cuda.is_available() else "emulated"
-        spec = apply_fp8flow_to_spec(spec, FP8FlowSettings(mode=mode, gemm_backend=backend))
+        spec = apply_fp8flow_to_spec(spec, FP8FlowSettings(mode=mode, gemm_backend=backend,
+                                                            gradient_accumulation_fusion=fused))
     layer = build_from_spec(spec, config=cfg)
     return layer.to(torch.cuda.current_device()) if torch.cuda.is_available() else layer
 
 
+def with_main_grads(layer, cfg):
+    """(module to call, zero_grads): the layer under Megatron's own DistributedDataParallel on a
+    GPU (fp32 gradient buffers, its hooks, its layout), or :class:`~..megatron.main_grad.MainGrads`
+    with the same contract on a CPU, where Megatron's DDP cannot allocate its buffers."""
+    if torch.cuda.is_available():
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), layer)
+        return ddp, ddp.zero_grad_buffer
+    from ..megatron.main_grad import MainGrads
+
+    grads = MainGrads(layer)
+    return layer, grads.zero
+
+
 def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, local_experts: int = 32,
-        topk: int = 8, tokens: int = 4096, modes=MODES, reps: int = 10, warmup: int = 3) -> Optional[dict]:
+        topk: int = 8, tokens: int = 4096, modes=MODES, reps: int = 10, warmup: int = 3,
+        grads: str = "main_grad") -> Optional[dict]:
+    """Time forward + backward of one MoE layer per mode. ``grads``: ``main_grad`` (as in
+    training: the layer runs under Megatron's DDP; the plugin's experts add their weight
+    gradients into the fp32 main_grad inside the GEMMs, every other weight, the stock
+    layer's experts included, gets a bf16 .grad that DDP's hook adds into main_grad: stock
+    Megatron fuses that only with apex) or ``param`` (every weight gets a .grad, no DDP)."""
     from ..megatron import small_model as sm
 
+    if grads not in CONTRACTS:
+        raise ValueError(f"grads must be one of {CONTRACTS}, got {grads!r}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     experts = local_experts * world
     groups = 8 if experts % 8 == 0 and experts >= 16 else 1
@@ -69,27 +100,38 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     dout = torch.randn(tokens, 1, hidden, generator=g).to(dev, torch.bfloat16)
     rows = []
     for mode in modes:
-        layer = _layer(mode, cfg)
+        layer = _layer(mode, cfg, fused=grads == "main_grad")
+        module, zero = with_main_grads(layer, cfg) if grads == "main_grad" else (layer, lambda: None)
 
         def step():
             inp = x.detach().requires_grad_(True)
-            out, _ = layer(inp)
+            out, _ = module(inp)
             out.backward(dout)
 
         for _ in range(warmup):
             step()
-        times = []
+        zero()
+        held = 0
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            out, _ = module(x.detach().requires_grad_(True))
+            held = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+            out.backward(dout)
+            del out
+        times, host = [], []
         for _ in range(reps):
             if dist.is_initialized():
                 dist.barrier()
+            if grads == "param":
+                layer.zero_grad(set_to_none=True)  # each step writes its gradients once
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
+                t0 = time.perf_counter()
                 step()
+                host.append((time.perf_counter() - t0) * 1e3)
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
@@ -97,12 +139,16 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
                 t0 = time.perf_counter()
                 step()
                 times.append((time.perf_counter() - t0) * 1e3)
+                host.append(times[-1])
         t = torch.tensor(sorted(times)[len(times) // 2], device=dev)
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if cuda else 0.0
-        rows.append(LayerRow(mode, world, experts, tokens, float(t), peak))
-        layer = step = None  # free the weights before the next mode
+        rows.append(LayerRow(mode, world, experts, tokens, float(t), peak, host_ms=sorted(host)[len(host) // 2],
+                             grads=grads, held_gb=held / 1e9))
+        layer = module = zero = step = None  # free the weights before the next mode
+        if cuda:
+            torch.cuda.empty_cache()
     by_mode = {r.mode: r.step_ms for r in rows}
     for r in rows:
         r.vs_stock = by_mode.get("stock", 0.0) / r.step_ms
@@ -110,13 +156,17 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     env = environment(dev) if cuda else {"gpu": "CPU", "torch": torch.__version__, "triton": ""}
-    return save_result({**env, "rows": [asdict(r) for r in rows]}, out_dir, f"moe_layer_{world}gpu.json")
+    shapes = {"hidden": hidden, "moe_ffn": moe_ffn, "topk": topk, "shared_ffn": moe_ffn}
+    suffix = "" if grads == "main_grad" else "_param_grads"
+    return save_result({**env, "shapes": shapes, "rows": [asdict(r) for r in rows]}, out_dir,
+                       f"moe_layer_{world}gpu{suffix}.json")
 
 
-def profile(mode: str, hidden: int = 7168, moe_ffn: int = 2048, local_experts: int = 32, topk: int = 8,
-            tokens: int = 4096, rows: int = 25) -> str:
-    """Where one layer step of ``mode`` spends its time: torch.profiler over three steps after
-    warm-up, the top operators by device time, and host time per step beside device time."""
+def breakdown(mode: str, hidden: int = 7168, moe_ffn: int = 2048, local_experts: int = 32, topk: int = 8,
+              tokens: int = 4096, grads: str = "main_grad", top: int = 15) -> dict:
+    """Where one layer step of ``mode`` goes (one GPU): device time by kernel category and the
+    top kernels (torch.profiler, three steps after warm-up, per step), idle device time, and the
+    host time to issue a step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -125,58 +175,100 @@ def profile(mode: str, hidden: int = 7168, moe_ffn: int = 2048, local_experts: i
     shape = sm.SmallMoE(num_layers=1, hidden=hidden, heads=max(1, hidden // 128), ffn=4 * hidden,
                         experts=local_experts, topk=topk, moe_ffn=moe_ffn, shared_ffn=moe_ffn, groups=8,
                         group_topk=4, mtp_layers=0)
-    layer = _layer(mode, sm.config(shape))
+    cfg = sm.config(shape)
+    layer = _layer(mode, cfg, fused=grads == "main_grad")
+    module, _ = with_main_grads(layer, cfg) if grads == "main_grad" else (layer, None)
     x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn_like(x)
 
     def step():
-        out, _ = layer(x.detach().requires_grad_(True))
+        out, _ = module(x.detach().requires_grad_(True))
         out.backward(dout)
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    host = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(3):
+        t0 = time.perf_counter()
         step()
-    host_ms = (time.perf_counter() - t0) * 1e3 / 3  # includes waiting for the device at the end
+        host.append((time.perf_counter() - t0) * 1e3)
+    end.record()
     torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / 3
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    step_ms = start.elapsed_time(end) / 3
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 3e3
-    return (f"{mode}: wall {wall_ms:.2f} ms/step, host returns after {host_ms:.2f} ms, device busy "
-            f"{busy:.2f} ms/step\n{table}")
+    cats, kernels = categorize_kernels(prof)
+    busy = sum(cats.values()) / 3
+    per_step = {k: round(v / 3, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+    per_step["idle"] = round(max(0.0, step_ms - busy), 3)
+    return {"mode": mode, "experts": local_experts, "tokens": tokens, "grads": grads, "step_ms": round(step_ms, 3),
+            "host_ms": round(sorted(host)[1], 3), "device_ms_by_category": per_step,
+            "top_kernels_ms": {k[:90]: round(v / 3, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]}}
 
 
-def render(result: dict) -> str:
-    lines = [f"GPU: {result['gpu']}, torch {result['torch']}; one DeepSeek-V3 MoE layer, forward + backward", "",
-             "| mode | GPUs | experts | tokens/GPU | step ms | peak GB | vs stock | vs bf16 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["rows"]:
-        lines.append(f"| {r['mode']} | {r['gpus']} | {r['experts']} | {r['tokens']} | {r['step_ms']:.2f} | "
-                     f"{r['peak_gb']:.2f} | {r['vs_stock']:.2f}x | {r['vs_bf16']:.2f}x |")
+def render_breakdown(parts: list) -> str:
+    cats = []
+    for p in parts:
+        cats += [c for c in p["device_ms_by_category"] if c not in cats]
+    lines = ["| category | " + " | ".join(p["mode"] for p in parts) + " |", "| --- |" + " --- |" * len(parts)]
+    for c in cats:
+        lines.append(f"| {c} | " + " | ".join(f"{p['device_ms_by_category'].get(c, 0.0):.2f}" for p in parts) + " |")
+    lines.append("| step (device events) | " + " | ".join(f"{p['step_ms']:.2f}" for p in parts) + " |")
+    lines.append("| host, to issue a step | " + " | ".join(f"{p['host_ms']:.2f}" for p in parts) + " |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Entry point: ``torchrun --nproc_per_node N -m megatron_fp8flow.benchmarks.moe_layer [DIR]``;
-    ``... --profile bf16,flow`` (one process) prints where each mode's step spends its time."""
-    import sys
+def render(result: dict) -> str:
+    rows = result["rows"]
+    grads = rows[0].get("grads", "param") if rows else ""
+    lines = [f"GPU: {result['gpu']}, torch {result['torch']}; one DeepSeek-V3 MoE layer, forward + backward, "
+             f"weight gradients into {grads}", "",
+             "| mode | GPUs | experts | tokens/GPU | step ms | host ms | peak GB | held GB | vs stock | vs bf16 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['gpus']} | {r['experts']} | {r['tokens']} | {r['step_ms']:.2f} | "
+                     f"{r.get('host_ms', 0.0):.2f} | {r['peak_gb']:.2f} | {r.get('held_gb', 0.0):.2f} | "
+                     f"{r['vs_stock']:.2f}x | {r['vs_bf16']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """Entry point: ``torchrun --nproc_per_node N -m megatron_fp8flow.benchmarks.moe_layer [DIR]
+    [--grads param] [--breakdown bf16,flow]`` (the breakdown on one process)."""
+    import argparse
+    import json
 
     from ..megatron import small_model as sm
 
+    parser = argparse.ArgumentParser(prog="python -m megatron_fp8flow.benchmarks.moe_layer")
+    parser.add_argument("out_dir", nargs="?", help="where to write the JSON (default: print only)")
+    parser.add_argument("--grads", choices=CONTRACTS, default="main_grad",
+                        help="weight gradients into Megatron DDP's fp32 main_grad (default) or per-parameter .grad")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--breakdown", metavar="MODES", help="instead of the table: device time by category of "
+                        "these modes' steps (comma-separated)")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes + (args.breakdown or "").split(",") if m and m not in MODES]
+    if bad:
+        parser.error(f"unknown mode(s) {bad}; expected {', '.join(MODES)}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     sm.init_parallel(rank, world, ep=world, port=int(os.environ.get("MASTER_PORT", 29531)))
-    if len(sys.argv) > 2 and sys.argv[1] == "--profile":
-        for mode in sys.argv[2].split(","):
-            print(profile(mode))
+    if args.breakdown:
+        parts = [breakdown(m, grads=args.grads) for m in args.breakdown.split(",")]
+        if args.out_dir:
+            save_result({**environment(torch.device("cuda")), "parts": parts}, args.out_dir,
+                        f"moe_layer_breakdown_{args.grads}.json")
+        print(json.dumps([{k: p[k] for k in ("mode", "top_kernels_ms")} for p in parts], indent=1))
+        print(render_breakdown(parts))
         return
-    result = run(sys.argv[1] if len(sys.argv) > 1 else None)
+    result = run(args.out_dir, modes=modes, grads=args.grads)
     if result is not None:
         print(render(result))
 
