@@ -292,6 +292,9 @@ def _cmd_train(args) -> int:
     overrides = dict(parse_override(kv) for kv in getattr(args, "set", []) or [])
     if args.dry_run and not getattr(args, "megatron", False):
         raise UsageError("--dry-run prints the launch commands of --megatron; add --megatron, or leave it out")
+    if getattr(args, "memory_breakdown", False) and getattr(args, "megatron", False):
+        raise UsageError("--memory-breakdown records the compact loop's allocations; under --megatron use "
+                         "Megatron's own --record-memory-history / --memory-snapshot-path")
     _need_megatron(args.command)
     from .training import compare
 
@@ -313,11 +316,17 @@ def _cmd_train(args) -> int:
         compare.check_recipes(recipe, chosen, args.steps, relaunched, world=nproc)  # before starting N processes
         return _relaunch_with_torchrun(args.argv, nproc, overrides, _fresh_dir(args.out))
     out = _fresh_dir(args.out)
-    results = compare.run(recipe, chosen, steps=args.steps, overrides=overrides, out_dir=out)
+    results = compare.run(recipe, chosen, steps=args.steps, overrides=overrides, out_dir=out,
+                          memory_breakdown=getattr(args, "memory_breakdown", False))
     if results is None:  # not rank 0
         return 0
     print()
     print(compare.table(results))
+    memory = {p: r["memory_at_peak"] for p, r in results.items() if "memory_at_peak" in r}
+    if memory:
+        from .training.memory import render
+
+        print("\nGPU memory at each run's peak, by what allocated it:\n" + render(memory))
     print(f"\nLoss curves: {out}/loss_curves.png; figures: {out}/compare.json")
     return 0
 
@@ -436,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compact loop: pipeline, expert and data parallelism, Megatron's datasets; needs "
                         "megatron.training (megatron-core >= 0.19)")
     t.add_argument("--dry-run", action="store_true", help="with --megatron: print the launch commands only")
+    t.add_argument("--memory-breakdown", action="store_true",
+                   help="record the GPU allocator's history and report each run's memory at its peak by category "
+                        "(parameters, main_grad, optimizer, FP8 weights, activations, backward); slows the run")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("compare", help="merge runs made apart (fp8flow train --out DIR, one per precision) into "

@@ -275,3 +275,34 @@ def test_clipping_uses_the_global_norm():
     before = [m.grad.clone() for m in master]
     _sync_and_clip(params, master, clip=100.0, world=1)  # below the limit: unchanged
     assert all(torch.equal(a, m.grad) for a, m in zip(before, master))
+
+
+def test_memory_breakdown_replays_to_the_peak():
+    """The allocator history is replayed to the moment of most memory allocated, and the blocks
+    alive then are sorted by the frames that allocated them."""
+    from megatron_fp8flow.training import memory
+
+    def frames(*names, file="loop.py"):
+        return [{"name": n, "filename": file, "line": 1} for n in names]
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames("__init__", "build_model", "_train")},
+        {"action": "alloc", "addr": 2, "size": 400, "frames": [{"name": "__init__", "filename": "x/main_grad.py"}]},
+        {"action": "alloc", "addr": 3, "size": 800, "frames": frames("master_weights", "_train")},
+        {"action": "alloc", "addr": 4, "size": 50, "frames": frames("_quantize_weights", "forward", "_train")},
+        {"action": "alloc", "addr": 5, "size": 70, "frames": frames("forward", "_train")},
+        {"action": "alloc", "addr": 6, "size": 10, "frames": []},  # the autograd engine's thread
+        {"action": "free_requested", "addr": 6, "size": 10},
+        {"action": "free_completed", "addr": 6, "size": 10},
+        {"action": "alloc", "addr": 7, "size": 20, "frames": frames("backward", "_ExpertMLPFunction")},
+        {"action": "alloc", "addr": 8, "size": 9, "frames": frames("step", file="torch/optim/adamw.py")},
+        {"action": "free_requested", "addr": 7, "size": 20},
+        {"action": "free_requested", "addr": 4, "size": 50},
+        {"action": "alloc", "addr": 9, "size": 60, "frames": frames("_batches", "_train")},  # below the peak
+    ]
+    out = memory.peak_breakdown({"device_traces": [trace]})
+    gb = {k: round(v * 1e9) for k, v in out["by_category_gb"].items()}
+    assert round(out["peak_gb"] * 1e9) == 100 + 400 + 800 + 50 + 70 + 20 + 9 == sum(gb.values())
+    assert gb == {"parameters": 100, "main_grad": 400, "optimizer": 809, "fp8_weights": 50, "activations": 70,
+                  "backward": 20, "other": 0}
+    assert "| **peak allocated** | 0.00 |" in memory.render({"flow": out})

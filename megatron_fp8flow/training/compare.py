@@ -59,11 +59,14 @@ def check_recipes(recipe_name: str, precisions: Sequence[str], steps: Optional[i
 
 
 def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps: Optional[int] = None,
-        overrides: Optional[dict] = None, out_dir: str = "fp8flow_results", echo=print) -> Dict[str, dict]:
+        overrides: Optional[dict] = None, out_dir: str = "fp8flow_results", echo=print,
+        memory_breakdown: bool = False) -> Dict[str, dict]:
     """Train the recipe once per precision; under torchrun every rank trains and rank 0 reports
     (returns the results on rank 0, None on the others). Every precision's recipe is loaded and
     checked before the first one trains. Results are never written over: when ``out_dir`` holds
-    files already, they go to ``out_dir-2`` (or -3, ...), and ``echo`` says so."""
+    files already, they go to ``out_dir-2`` (or -3, ...), and ``echo`` says so. Besides
+    compare.json: rows.json (one row per run: precision, tokens/s, peak GB) and, with
+    ``memory_breakdown`` (GPU), each run's memory at its peak by category (:mod:`.memory`)."""
     from .loop import StepLog, train
 
     lead = int(os.environ.get("RANK", 0)) == 0
@@ -85,13 +88,21 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
             echo(f"[{p}] step {rec.step}/{total}  loss {rec.loss:.4f}{val}{norm}  lr {rec.lr:.2e}  "
                  f"{rec.tokens_per_s:,.0f} tokens/s  peak {rec.peak_mem_gb:.2f} GB")
 
-        history = train(recipe, steps=steps, on_log=progress)
+        memory = {} if memory_breakdown else None
+        history = train(recipe, steps=steps, on_log=progress, memory=memory)
         results[precision] = {"recipe": recipe_name, "history": history, "summary": summarize(history),
                               "device": device_description()}
+        if memory:
+            results[precision]["memory_at_peak"] = memory["breakdown"]
     if not lead:
         return None
     with open(os.path.join(out_dir, "compare.json"), "w") as fh:
         json.dump(results, fh, indent=1)
+    rows = [{"precision": p, "recipe": recipe_name, "tokens_per_s": r["summary"]["tokens_per_s"],
+             "peak_gb": r["summary"]["peak_mem_gb"], "steps": r["summary"]["steps"],
+             "final_loss": r["summary"]["final_loss"], "device": r["device"]} for p, r in results.items()]
+    with open(os.path.join(out_dir, "rows.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
     plot(results, os.path.join(out_dir, "loss_curves.png"), recipe_name)
     return results
 

@@ -33,6 +33,7 @@ from ..megatron.main_grad import MainGrads
 from ..megatron.settings import FP8FlowSettings
 from ..recipes import Recipe, RecipeError
 from . import checkpoint
+from .memory import recording
 from .model import build_model
 from .text import ByteBatches, read_indexed_datasets, split_fractions
 
@@ -181,9 +182,12 @@ def _batches(args: dict, micro: int, seed: int) -> ByteBatches:
 
 
 def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = None,
-          on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None) -> List[dict]:
+          on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None,
+          memory: Optional[dict] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
-    receives the trained model under "model"). ``seed`` (default: the recipe's ``seed``, else
+    receives the trained model under "model"; ``memory``: a dict that receives the GPU memory at
+    its peak by category under "breakdown", see :mod:`.memory`; recording it slows the run, so
+    time another). ``seed`` (default: the recipe's ``seed``, else
     Megatron's default 1234) sets the initial weights and the order of the training text.
 
     With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
@@ -191,18 +195,37 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
     backward ops make two GPU runs of one seed drift apart. (Not yet run on a GPU.)"""
     check_run(recipe, steps)
     if not recipe.args.get("deterministic_mode"):
-        return _train(recipe, steps, seed, on_log, keep_model)
+        return _train(recipe, steps, seed, on_log, keep_model, memory)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(recipe, steps, seed, on_log, keep_model)
+        return _train(recipe, steps, seed, on_log, keep_model, memory)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
 def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
-           on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict]) -> List[dict]:
+           on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict],
+           memory: Optional[dict] = None) -> List[dict]:
+    with recording(memory is not None) as recorded:
+        history = _train_steps(recipe, steps, seed, on_log, keep_model)
+    if memory is not None:
+        memory.update(recorded)
+    return history
+
+
+def master_weights(params) -> List[torch.Tensor]:
+    """fp32 master copies of the parameters, whose .grad is the parameter's main_grad (the
+    optimizer reads the main gradients in place: no copy)."""
+    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    for m, p in zip(master, params):
+        m.grad = p.main_grad
+    return master
+
+
+def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
+                 on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict]) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
     from ..megatron.parallel import init_parallel
@@ -220,9 +243,7 @@ def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
     model = build_model(args, settings)
     params = [p for p in model.parameters() if p.requires_grad]
     main_grads = MainGrads(model)  # fp32 gradients over the step's microbatches, as Megatron's DDP keeps them
-    master = [p.detach().float().clone().requires_grad_(True) for p in params]
-    for m, p in zip(master, params):
-        m.grad = p.main_grad  # the optimizer reads the main gradients in place: no copy
+    master = master_weights(params)
     opt = torch.optim.AdamW(master, lr=args.get("lr", 1e-4), betas=(args.get("adam_beta1", 0.9),
                             args.get("adam_beta2", 0.95)), eps=args.get("adam_eps", 1e-8),
                             weight_decay=args.get("weight_decay", 0.0))
