@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .common import categorize_kernels, environment, save_result
 
 MODES = ("stock", "bf16", "blockwise", "flow")
-CONTRACTS = ("main_grad", "param")
+CONTRACTS = ("main_grad", "main_grad_stacked", "param")
 
 
 @dataclass
@@ -59,11 +59,13 @@ def _layer(mode: str, cfg, fused: bool = False):
     return layer.to(torch.cuda.current_device()) if torch.cuda.is_available() else layer
 
 
-def with_main_grads(layer, cfg):
+def with_main_grads(layer, cfg, stacked: bool = False):
     """(module to call, zero_grads): the layer under Megatron's own DistributedDataParallel on a
-    GPU (fp32 gradient buffers, its hooks, its layout), or :class:`~..megatron.main_grad.MainGrads`
-    with the same contract on a CPU, where Megatron's DDP cannot allocate its buffers."""
-    if torch.cuda.is_available():
+    GPU (fp32 gradient buffers, its hooks, its layout: reverse parameter order, so one expert's
+    fc1 and fc2 gradients alternate), or :class:`~..megatron.main_grad.MainGrads` (the same
+    contract, each linear's expert gradients stacked) when ``stacked`` or on a CPU, where
+    Megatron's DDP cannot allocate its buffers."""
+    if torch.cuda.is_available() and not stacked:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), layer)
@@ -81,7 +83,10 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     training: the layer runs under Megatron's DDP; the plugin's experts add their weight
     gradients into the fp32 main_grad inside the GEMMs, every other weight, the stock
     layer's experts included, gets a bf16 .grad that DDP's hook adds into main_grad: stock
-    Megatron fuses that only with apex) or ``param`` (every weight gets a .grad, no DDP)."""
+    Megatron fuses that only with apex), ``main_grad_stacked`` (the same contract with each
+    linear's expert gradients in one [G, N, K] buffer, as the compact loop lays them out: the
+    single-launch k-grouped wgrads can then accumulate) or ``param`` (every weight gets a
+    .grad, no DDP)."""
     from ..megatron import small_model as sm
 
     if grads not in CONTRACTS:
@@ -100,8 +105,9 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     dout = torch.randn(tokens, 1, hidden, generator=g).to(dev, torch.bfloat16)
     rows = []
     for mode in modes:
-        layer = _layer(mode, cfg, fused=grads == "main_grad")
-        module, zero = with_main_grads(layer, cfg) if grads == "main_grad" else (layer, lambda: None)
+        layer = _layer(mode, cfg, fused=grads != "param")
+        module, zero = ((layer, lambda: None) if grads == "param"
+                        else with_main_grads(layer, cfg, stacked=grads == "main_grad_stacked"))
 
         def step():
             inp = x.detach().requires_grad_(True)
@@ -157,7 +163,7 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
         return None
     env = environment(dev) if cuda else {"gpu": "CPU", "torch": torch.__version__, "triton": ""}
     shapes = {"hidden": hidden, "moe_ffn": moe_ffn, "topk": topk, "shared_ffn": moe_ffn}
-    suffix = "" if grads == "main_grad" else "_param_grads"
+    suffix = "" if grads == "main_grad" else f"_{grads}"
     return save_result({**env, "shapes": shapes, "rows": [asdict(r) for r in rows]}, out_dir,
                        f"moe_layer_{world}gpu{suffix}.json")
 
@@ -176,8 +182,9 @@ def breakdown(mode: str, hidden: int = 7168, moe_ffn: int = 2048, local_experts:
                         experts=local_experts, topk=topk, moe_ffn=moe_ffn, shared_ffn=moe_ffn, groups=8,
                         group_topk=4, mtp_layers=0)
     cfg = sm.config(shape)
-    layer = _layer(mode, cfg, fused=grads == "main_grad")
-    module, _ = with_main_grads(layer, cfg) if grads == "main_grad" else (layer, None)
+    layer = _layer(mode, cfg, fused=grads != "param")
+    module, _ = ((layer, None) if grads == "param"
+                 else with_main_grads(layer, cfg, stacked=grads == "main_grad_stacked"))
     x = torch.randn(tokens, 1, hidden, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn_like(x)
 
@@ -248,7 +255,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_fp8flow.benchmarks.moe_layer")
     parser.add_argument("out_dir", nargs="?", help="where to write the JSON (default: print only)")
     parser.add_argument("--grads", choices=CONTRACTS, default="main_grad",
-                        help="weight gradients into Megatron DDP's fp32 main_grad (default) or per-parameter .grad")
+                        help="main_grad: Megatron DDP's fp32 buffers (default); main_grad_stacked: the same, each "
+                        "linear's expert gradients stacked; param: per-parameter .grad")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--breakdown", metavar="MODES", help="instead of the table: device time by category of "
                         "these modes' steps (comma-separated)")
