@@ -160,6 +160,9 @@ def launch_command(recipe, nproc: int = 1) -> list:
         raise RecipeError(f"{recipe.name}: lr_warmup_iters ({warmup}) must be less than {which} ({decay}); "
                           f"set a shorter warm-up, e.g. --set lr_warmup_iters={max(decay // 10, 0)}")
     argv = to_argv(recipe)
+    if recipe.fp8flow_enabled and "gradient_accumulation_fusion" not in recipe.fp8flow:
+        # Megatron's DDP gives every weight an fp32 main_grad: the expert GEMMs add into it
+        argv.append("--moe-fp8-flow-gradient-accumulation-fusion")
     if not any(args.get(k) for k in ("data_path", "train_data_path", "mock_data")):
         argv.append("--mock-data")
     if not args.get("tokenizer_type"):

@@ -116,3 +116,17 @@ def test_cli_reports_recipe_errors_without_a_traceback(capsys):
     assert "fp8flow train: error: tiny_cpu: lr_warmup_iters (10) must be less than" in capsys.readouterr().err
     assert main(["train", "proxies/tiny_cpu", "--set", "hidden_sise=64"]) == 2
     assert "unknown Megatron argument 'hidden_sise'" in capsys.readouterr().err
+
+
+def test_launch_accumulates_expert_gradients_into_main_grad():
+    """Under pretrain() Megatron's DDP gives every weight an fp32 main_grad: the launcher asks
+    the experts to add into it unless the recipe says otherwise."""
+    from megatron_fp8flow.recipes import load_recipe
+
+    base = {"train_iters": 6, "lr_warmup_iters": 2, "fp8flow.enabled": True}
+    flag = "--moe-fp8-flow-gradient-accumulation-fusion"
+    assert flag in pretrain_gpt.launch_command(load_recipe("proxies/tiny_cpu", base))
+    off = pretrain_gpt.launch_command(load_recipe("proxies/tiny_cpu", {**base, "fp8flow.gradient_accumulation_fusion": False}))
+    assert flag not in off and "--moe-fp8-flow" in off
+    stock = pretrain_gpt.launch_command(load_recipe("proxies/tiny_cpu", {**base, "fp8flow.enabled": False}))
+    assert flag not in stock and "--moe-fp8-flow" not in stock

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# End to end on one Hopper GPU: the whole MoE layer, the DeepSeek-V3 proxy (compact loop), its
+# memory at the peak, Megatron's pretrain(), and test files natively.
+#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [memory]
+#        [pretrain] [tests]
+# megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
+# gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
+# TEST_FILES picks the test files; PROXY_STEPS / PRETRAIN_ITERS size the runs.
+source "$(dirname "$0")/gpu_common.sh"
+cli="python3 -m megatron_fp8flow.cli"
+
+setup() {
+  need_megatron
+  if ! python3 -c "import deep_gemm" 2>/dev/null && ls .dgw/deepgemm-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dg .dgw/deepgemm-*.whl || return 1
+    export PYTHONPATH="/tmp/dg:$PYTHONPATH"
+  fi
+  if [ "${DG_PRELOAD_LIBSTDCXX:-0}" = 1 ]; then export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6; fi
+  python3 -c "import megatron.core, torch, deep_gemm; print('megatron-core', megatron.core.__version__, 'deep_gemm', deep_gemm.__version__, torch.cuda.get_device_name())"
+}
+layer() {
+  timeout "${LAYER_TIMEOUT:-240}" torchrun --nproc_per_node 1 -m megatron_fp8flow.benchmarks.moe_layer "$out/moe_layer" \
+    --grads "$1" 2>&1 | quiet | tee "$out/moe_layer_$1.log" | tail -8
+  return "${PIPESTATUS[0]}"
+}
+step_layer() { layer main_grad; }
+step_layer_stacked() { layer main_grad_stacked; }
+step_layer_param() { layer param; }
+step_breakdown() {
+  timeout 200 torchrun --nproc_per_node 1 -m megatron_fp8flow.benchmarks.moe_layer "$out/moe_layer" \
+    --breakdown "${BREAKDOWN_MODES:-bf16,flow}" 2>&1 | quiet | tee "$out/breakdown.log" | tail -40
+  return "${PIPESTATUS[0]}"
+}
+step_proxy() {
+  timeout "${PROXY_TIMEOUT:-300}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
+    --steps "${PROXY_STEPS:-8}" --set log_interval=2 --out "$out/proxy" 2>&1 | quiet | tee "$out/proxy.log" | tail -12
+  return "${PIPESTATUS[0]}"
+}
+step_memory() {
+  timeout "${MEMORY_TIMEOUT:-240}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
+    --steps 2 --set log_interval=1 --memory-breakdown --out "$out/proxy_memory" 2>&1 | quiet \
+    | tee "$out/proxy_memory.log" | tail -16
+  return "${PIPESTATUS[0]}"
+}
+step_pretrain() {
+  local data=/tmp/fp8flow_data/stdlib
+  [ -f "$data.idx" ] || $cli data "$data" --corpus python-stdlib 2>&1 | quiet | tail -1
+  timeout "${PRETRAIN_TIMEOUT:-420}" $cli train proxies/deepseek_v3_proxy_1gpu --megatron --compare "${PRETRAIN_PRECISIONS:-bf16,fp8flow}" \
+    --steps "${PRETRAIN_ITERS:-50}" --set data_path="$data" --set log_interval=10 --set eval_interval=1000 \
+    --set eval_iters=1 --set use_distributed_optimizer=true ${PRETRAIN_SET:-} > "$out/pretrain.log" 2>&1
+  local rc=$?
+  grep -E "iteration +[0-9]+/|Error|error:|memory \(MB\)" "$out/pretrain.log" | cut -c1-300 | tail -16
+  return $rc
+}
+step_tests() {
+  # shellcheck disable=SC2086
+  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rs ${TEST_FILES:-tests/test_megatron.py} 2>&1 \
+    | tee "$out/pytest.log" | tail -n 30
+  return "${PIPESTATUS[0]}"
+}
+
+gpu_main "layer breakdown proxy memory" "$@"
