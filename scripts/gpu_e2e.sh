@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end on one Hopper GPU: the whole MoE layer, the DeepSeek-V3 proxy (compact loop), its
 # memory at the peak, Megatron's pretrain(), and test files natively.
-#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [memory]
+#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [proxy-mbs4] [memory]
 #        [pretrain] [tests]
 # megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
 # gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
@@ -31,11 +31,19 @@ step_breakdown() {
     --breakdown "${BREAKDOWN_MODES:-bf16,flow}" 2>&1 | quiet | tee "$out/breakdown.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
-step_proxy() {
+proxy() {  # NAME [--set KEY=VALUE ...]: DeepGEMM's JIT builds counted from its cache directory
+  local name=$1
+  shift
+  export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-/tmp/dg_jit}
   timeout "${PROXY_TIMEOUT:-300}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
-    --steps "${PROXY_STEPS:-8}" --set log_interval=2 --out "$out/proxy" 2>&1 | quiet | tee "$out/proxy.log" | tail -12
-  return "${PIPESTATUS[0]}"
+    --steps "${PROXY_STEPS:-8}" --set log_interval=2 "$@" --out "$out/$name" 2>&1 | quiet | tee "$out/$name.log" \
+    | tail -14
+  local rc=${PIPESTATUS[0]}
+  echo "DeepGEMM JIT cache entries: $(find "$DG_JIT_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l)"
+  return "$rc"
 }
+step_proxy() { proxy proxy; }
+step_proxy_mbs4() { proxy proxy_mbs4 --set micro_batch_size=4; }
 step_memory() {
   timeout "${MEMORY_TIMEOUT:-240}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
     --steps 2 --set log_interval=1 --memory-breakdown --out "$out/proxy_memory" 2>&1 | quiet \

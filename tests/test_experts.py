@@ -277,8 +277,13 @@ def test_fp8_weight_cache_across_microbatches(monkeypatch):
     from megatron_fp8flow.moe import experts as ex
 
     calls = []
-    real = ex.fp8.quantize_weight
-    monkeypatch.setattr(ex.fp8, "quantize_weight", lambda w, *a, **k: calls.append(1) or real(w, *a, **k))
+    real = ex.fp8.quantize_weights
+
+    def counting(ws, *a, **k):  # the forward copies (the transposed ones are checked below)
+        calls.extend([] if k.get("transposed") else [1] * len(ws))
+        return real(ws, *a, **k)
+
+    monkeypatch.setattr(ex.fp8, "quantize_weights", counting)
     module = _make("flow")
     x, probs, dout = _inputs(seed=11)
     with pytest.raises(ValueError, match="is_first_microbatch=False but no FP8 weights"):

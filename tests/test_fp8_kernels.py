@@ -210,6 +210,38 @@ def test_weight_quantize_and_transpose(device, cast_path, shape, pow2, dtype):
                      "weight of a strided view")
 
 
+@pytest.mark.parametrize("layout", ["stacked", "reversed", "interleaved", "separate"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_stack_quantize(device, cast_path, layout, transposed):
+    """Several weights in one call, bit for bit those of one call each: one launch over a stack
+    (in order, in reverse order through a negative stride, or interleaved with other weights as
+    Megatron DDP lays out fc1 and fc2), or one per weight when they share no stride."""
+    g, n, k = 3, 256, 384
+    src = [(make_activations(n, k, kind="outlier", seed=40 + i) * (i + 1)).bfloat16() for i in range(g)]
+    if layout == "separate":
+        ws = [w.to(device) for w in src]
+    else:
+        slots = {"stacked": list(range(g)), "reversed": list(range(g))[::-1], "interleaved": [0, 2, 4]}[layout]
+        buf = torch.randn(max(slots) + 1, n, k).to(device, torch.bfloat16)  # the others: other weights
+        for i, slot in enumerate(slots):
+            buf[slot].copy_(src[i])
+        ws = [buf[slot] for slot in slots]
+    from megatron_fp8flow.kernels.quantize_weight import uniform_stride
+
+    assert (uniform_stride(ws) is None) == (layout == "separate")
+    got, data, scale = fp8.quantize_weights(ws, transposed=transposed, backend="triton")
+    assert data.shape == ((g, k, n) if transposed else (g, n, k)) and got[1].data.data_ptr() == data[1].data_ptr()
+    for i, w in enumerate(src):
+        exp = fp8.quantize_weight(w, backend="reference")
+        assert_fp8_equal(_cpu_ref(got[i]), exp.t() if transposed else exp, f"weight {i}")
+    ref, _, _ = fp8.quantize_weights(src, transposed=transposed, backend="reference")
+    assert all(torch.equal(codes(a.data.cpu()), codes(b.data)) for a, b in zip(got, ref))
+    with pytest.raises(ValueError, match="one shape"):
+        fp8.quantize_weights([ws[0], ws[1][:128]], backend="triton")
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        fp8.quantize_weights(ws, transposed=transposed, backend="triton", out=(data.transpose(1, 2), scale))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dequantize_kernel(device, cast_path, dtype):
     x = make_activations(130, 300, kind="wide", seed=6)

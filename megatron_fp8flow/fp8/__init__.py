@@ -14,6 +14,7 @@ from .api import (
     quantize_row_and_col,
     quantize_weight,
     quantize_weight_transposed,
+    quantize_weights,
     scaling_aware_transpose,
 )
 from .format import (
@@ -48,6 +49,7 @@ __all__ = [
     "quantize_row_and_col",
     "quantize_weight",
     "quantize_weight_transposed",
+    "quantize_weights",
     "reference",
     "scaling_aware_transpose",
 ]

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import torch
 
 from . import reference as ref
-from .audit import counted
+from .audit import cast_point, counted
 from .format import (BLOCK, FP8_DTYPE, BlockwiseFP8Tensor, ColStorage, GroupSplits, Layout, SplitsLike, cdiv,
                      per_group_from_side_by_side, set_dequantizer, with_row_scale_layout)
 
@@ -216,6 +216,49 @@ def quantize_weight_transposed(w: torch.Tensor, pow2_scales: bool = True, backen
     if out is None:
         return qt
     return BlockwiseFP8Tensor(out[0].copy_(qt.data), out[1].copy_(qt.scale_inv), Layout.WEIGHT, (k, n), pow2_scales)
+
+
+def quantize_weights(ws, pow2_scales: bool = True, transposed: bool = False, backend: Backend = "auto",
+                     out=None):
+    """:func:`quantize_weight` (``transposed``: :func:`quantize_weight_transposed`) of G weights
+    of one shape into one stacked buffer: returns ``(weights, data, scale_inv)``, the G FP8
+    tensors being views of ``data`` [G, N, K] ([G, K, N] transposed) and ``scale_inv``. The
+    same bytes as G single calls; one kernel launch when the weights lie at one stride in one
+    storage (a stacked buffer, Megatron DDP's parameter buffer). ``out=(data, scale_inv)``:
+    the stacked buffers to write into."""
+    ws = list(ws)
+    if not ws:
+        raise ValueError("quantize_weights needs at least one weight")
+    first = ws[0]
+    if first.dim() != 2 or any(w.shape != first.shape or w.dtype != first.dtype for w in ws):
+        raise ValueError(f"quantize_weights expects 2-D weights of one shape and dtype, got "
+                         f"{sorted({(tuple(w.shape), str(w.dtype)) for w in ws})}")
+    if first.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"quantize_weights expects bf16, fp16 or fp32 input, got {first.dtype}")
+    n, k = first.shape
+    rows, cols = (k, n) if transposed else (n, k)
+    g, dev = len(ws), first.device
+    if out is None:
+        out = (torch.empty(g, rows, cols, dtype=FP8_DTYPE, device=dev),
+               torch.empty(g, cdiv(rows, BLOCK), cdiv(cols, BLOCK), dtype=torch.float32, device=dev))
+    data, scale = out
+    if (data.shape != (g, rows, cols) or data.dtype != FP8_DTYPE or not data.is_contiguous()
+            or scale.shape != (g, cdiv(rows, BLOCK), cdiv(cols, BLOCK)) or not scale.is_contiguous()):
+        raise ValueError(f"out must be contiguous (e4m3 {[g, rows, cols]}, float32 "
+                         f"{[g, cdiv(rows, BLOCK), cdiv(cols, BLOCK)]}), got "
+                         f"{[(t.dtype, tuple(t.shape)) for t in out]}")
+    with cast_point("weight_quantize", g):
+        if _use_triton(dev, backend):
+            from ..kernels.quantize_weight import quantize_weights as kernel
+
+            kernel(ws, data, scale, pow2_scales, transposed)
+        else:
+            for i, w in enumerate(ws):
+                q = ref.quantize_weight(w, pow2_scales)
+                data[i].copy_(q[0].t() if transposed else q[0])
+                scale[i].copy_(q[1].t() if transposed else q[1])
+    tensors = [BlockwiseFP8Tensor(data[i], scale[i], Layout.WEIGHT, (rows, cols), pow2_scales) for i in range(g)]
+    return tensors, data, scale
 
 
 def _check_weight_out(out, shape, name: str) -> None:

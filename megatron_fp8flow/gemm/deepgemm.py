@@ -177,9 +177,13 @@ class DeepGemmBackend(GemmBackend):
                 d, ks, ks_dev, c=d)
 
     def _dense(self, grad_col, x_col, bounds, bufs):
+        """One 1D1D GEMM per group, in place. The reduction length is the group's row count,
+        which changes with the routing: ``compiled_dims="mn"`` keeps it a run-time argument
+        (DeepGEMM's default compiles K in, one JIT build per distinct group size)."""
         lib = library()
         for (_, rows, srow, nb), g_part, x_part, buf in zip(
                 bounds, group_column_blocks(grad_col), group_column_blocks(x_col), bufs):
             if rows:
                 lib.fp8_gemm_nt((g_part, grad_col.scale_inv[srow: srow + nb].t()),
-                                (x_part, x_col.scale_inv[srow: srow + nb].t()), buf, c=buf, recipe=(1, 1, 128))
+                                (x_part, x_col.scale_inv[srow: srow + nb].t()), buf, c=buf, recipe=(1, 1, 128),
+                                compiled_dims="mn")

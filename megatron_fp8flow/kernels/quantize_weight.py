@@ -11,6 +11,8 @@ both dtypes.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -21,11 +23,17 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 
 @triton.jit
 def _quantize_weight_kernel(
-    w_ptr, q_ptr, s_ptr, N, K, stride_wn, stride_wk, num_nb, num_kb,
+    w_ptr, q_ptr, s_ptr, N, K, stride_wg, stride_wn, stride_wk, num_nb, num_kb,
     TRANSPOSED: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    # Weight g of a stack: its source at w_ptr + g * stride_wg (elements; negative when the
+    # buffer holds the weights in reverse order), its codes and scales the g-th [N, K] block.
+    pid_g = tl.program_id(2).to(tl.int64)
+    w_ptr += pid_g * stride_wg
+    q_ptr += pid_g * N * K
+    s_ptr += pid_g * num_nb * num_kb
     rows = pid_n * 128 + tl.arange(0, 128)
     cols = pid_k * 128 + tl.arange(0, 128)
     row_ok = rows < N
@@ -49,14 +57,47 @@ def _quantize_weight_kernel(
         tl.store(s_ptr + pid_n * num_kb + pid_k, s)
 
 
-def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool, transposed: bool) -> None:
+def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool, transposed: bool,
+            groups: int = 1, stride_g: int = 0) -> None:
     n, k = w.shape
-    if n and k:
+    if n and k and groups:
         emulate = needs_emulated_cast(w.device)
-        _quantize_weight_kernel[(cdiv(n, BLOCK), cdiv(k, BLOCK))](
-            w, fp8_view(data, emulate), scale, n, k, w.stride(0), w.stride(1), cdiv(n, BLOCK), cdiv(k, BLOCK),
-            TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
+        _quantize_weight_kernel[(cdiv(n, BLOCK), cdiv(k, BLOCK), groups)](
+            w, fp8_view(data, emulate), scale, n, k, stride_g, w.stride(0), w.stride(1), cdiv(n, BLOCK),
+            cdiv(k, BLOCK), TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
         )
+
+
+def uniform_stride(ws) -> Optional[int]:
+    """The element distance between consecutive weights when they lie at one fixed distance
+    (which may be negative) in one storage, all of one shape, dtype and strides; else None."""
+    first = ws[0]
+    storage, size = first.untyped_storage().data_ptr(), first.element_size()
+    if len(ws) == 1:
+        return 0
+    step = ws[1].data_ptr() - first.data_ptr()
+    if step % size:
+        return None
+    for i, w in enumerate(ws):
+        if (w.data_ptr() != first.data_ptr() + i * step or w.shape != first.shape or w.stride() != first.stride()
+                or w.dtype != first.dtype or w.untyped_storage().data_ptr() != storage):
+            return None
+    return step // size
+
+
+def quantize_weights(ws, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool = True,
+                     transposed: bool = False) -> None:
+    """Weights ``ws`` (G of one shape [N, K]) into ``data`` [G, N, K] and ``scale`` [G, nN, nK]
+    (``transposed``: [G, K, N] and [G, nK, nN]): one launch when the weights lie at one stride in
+    one storage (a stacked buffer, or Megatron DDP's parameter buffer), else one per weight."""
+    if not ws:
+        return
+    stride = uniform_stride(ws)
+    if stride is not None:
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=stride)
+        return
+    for i, w in enumerate(ws):
+        _launch(w, data[i], scale[i], pow2_scales, transposed)
 
 
 def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, out=None, out_t=None, transpose_only: bool = False):

@@ -261,16 +261,13 @@ class _FP8Weights:
         if not sources:
             return None
         if which in self._layout:
-            (n, k), scale_shape, dev, pow2 = self._layout[which]
+            pow2 = self._layout[which][3]
         elif ws:
-            (n, k), scale_shape, dev, pow2 = ws[0].shape, ws[0].scale_inv.shape, ws[0].data.device, ws[0].pow2_scales
+            pow2 = ws[0].pow2_scales
         else:
             return None
-        data = torch.empty(len(sources), k, n, dtype=fp8.FP8_DTYPE, device=dev)
-        scale = torch.empty(len(sources), *scale_shape[::-1], dtype=torch.float32, device=dev)
         with torch.no_grad():
-            return gemm.WeightStack([fp8.quantize_weight_transposed(w.detach(), pow2, out=(data[i], scale[i]))
-                                     for i, w in enumerate(sources)], data, scale)
+            return gemm.WeightStack(*fp8.quantize_weights([w.detach() for w in sources], pow2, transposed=True))
 
     def tensors(self) -> List[BlockwiseFP8Tensor]:
         return (self.fc1 or []) + (self.fc2 or []) + [w for ws in self._transposed.values() for w in ws]
@@ -301,14 +298,8 @@ def quantize_expert_weights(weights, num_experts: int) -> "_FP8Weights":
 
 def _quantize_weights(weights, num_experts: int) -> _FP8Weights:
     """128x128 FP8 copies of the fc1 and fc2 weights, each linear's in one stacked buffer."""
-    def stacked(ws):
-        if not ws:
-            return []
-        n, k = ws[0].shape
-        data = torch.empty(len(ws), n, k, dtype=fp8.FP8_DTYPE, device=ws[0].device)
-        scale = torch.empty(len(ws), -(-n // 128), -(-k // 128), dtype=torch.float32, device=ws[0].device)
-        return gemm.WeightStack([fp8.quantize_weight(w.detach(), out=(data[i], scale[i])) for i, w in enumerate(ws)],
-                                data, scale)
+    def stacked(ws):  # one launch per linear where the weights lie at one stride (DDP's buffer)
+        return gemm.WeightStack(*fp8.quantize_weights([w.detach() for w in ws])) if ws else []
 
     with torch.no_grad():
         fc1, fc2 = weights[:num_experts], weights[num_experts:]

@@ -246,7 +246,9 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
     master = master_weights(params)
     opt = torch.optim.AdamW(master, lr=args.get("lr", 1e-4), betas=(args.get("adam_beta1", 0.9),
                             args.get("adam_beta2", 0.95)), eps=args.get("adam_eps", 1e-8),
-                            weight_decay=args.get("weight_decay", 0.0))
+                            weight_decay=args.get("weight_decay", 0.0),
+                            # one kernel over all tensors, no model-sized temporaries (foreach's are)
+                            fused=torch.cuda.is_available())
     micro, glob = args.get("micro_batch_size", 1), args.get("global_batch_size", args.get("micro_batch_size", 1))
     if glob % (micro * world):
         raise RecipeError(f"global_batch_size {glob} must be a multiple of micro_batch_size x processes = "
