@@ -46,8 +46,9 @@ step_proxy() { proxy proxy; }
 step_proxy_mbs4() { proxy proxy_mbs4 --set micro_batch_size=4; }
 step_memory() {
   timeout "${MEMORY_TIMEOUT:-240}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
-    --steps 2 --set log_interval=1 --memory-breakdown --out "$out/proxy_memory" 2>&1 | quiet \
-    | tee "$out/proxy_memory.log" | tail -16
+    --steps 2 --set log_interval=1 --set micro_batch_size="${MEMORY_MBS:-2}" --memory-breakdown \
+    --out "$out/proxy_memory_mbs${MEMORY_MBS:-2}" 2>&1 | quiet \
+    | tee "$out/proxy_memory_mbs${MEMORY_MBS:-2}.log" | tail -16
   return "${PIPESTATUS[0]}"
 }
 step_pretrain() {
@@ -59,6 +60,9 @@ step_pretrain() {
   local rc=$?
   grep -E "iteration +[0-9]+/|Error|error:|memory \(MB\)" "$out/pretrain.log" | cut -c1-300 | tail -16
   return $rc
+}
+step_kernel_tests() {
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kernels.py -k "weight" 2>&1 | tail -n 3
 }
 step_tests() {
   # shellcheck disable=SC2086
