@@ -42,6 +42,27 @@ proxy() {  # NAME [--set KEY=VALUE ...]: DeepGEMM's JIT builds counted from its 
   echo "DeepGEMM JIT cache entries: $(find "$DG_JIT_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l)"
   return "$rc"
 }
+step_host_profile() {  # where a flow layer step's host time goes (one step per profile, device synced after)
+  timeout 150 python3 - <<'PY' 2>&1 | quiet | tail -40
+import cProfile, pstats, io, torch
+from megatron_fp8flow.benchmarks import moe_layer as ml
+from megatron_fp8flow.megatron import small_model as sm
+sm.init_parallel(0, 1)
+shape = sm.SmallMoE(num_layers=1, hidden=7168, heads=56, ffn=4 * 7168, experts=32, topk=8, moe_ffn=2048,
+                    shared_ffn=2048, groups=8, group_topk=4, mtp_layers=0)
+cfg = sm.config(shape)
+module, _ = ml.with_main_grads(ml._layer("flow", cfg, fused=True), cfg)
+x = torch.randn(4096, 1, 7168, device="cuda", dtype=torch.bfloat16)
+def step():
+    out, _ = module(x.detach().requires_grad_(True)); out.backward(x)
+for _ in range(3): step()
+torch.cuda.synchronize()
+prof = cProfile.Profile()
+for _ in range(3):
+    prof.enable(); step(); prof.disable(); torch.cuda.synchronize()
+text = io.StringIO(); pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(28); print(text.getvalue()[:7000])
+PY
+}
 step_proxy() { proxy proxy; }
 step_proxy_mbs4() { proxy proxy_mbs4 --set micro_batch_size=4; }
 step_memory() {
@@ -58,7 +79,7 @@ step_pretrain() {
     --steps "${PRETRAIN_ITERS:-50}" --set data_path="$data" --set log_interval=10 --set eval_interval=1000 \
     --set eval_iters=1 --set use_distributed_optimizer=true ${PRETRAIN_SET:-} > "$out/pretrain.log" 2>&1
   local rc=$?
-  grep -E "iteration +[0-9]+/|Error|error:|memory \(MB\)" "$out/pretrain.log" | cut -c1-300 | tail -16
+  grep -E "iteration +[0-9]+/|Error|error:|memory \(MB\)|OutOfMemory" "$out/pretrain.log" | cut -c1-400 | tail -16
   return $rc
 }
 step_kernel_tests() {
