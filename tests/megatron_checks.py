@@ -237,11 +237,12 @@ def compact_loop_resume(rank, world, port, queue):
             refused_steps = None
         except ValueError as err:
             refused_steps = str(err)
-    tensors = [(a, b) for a, b in zip(whole_kept["model"].state_dict().values(), kept["model"].state_dict().values())
-               if isinstance(a, torch.Tensor)]
-    same_weights = len(tensors) > 10 and all(a.equal(b) for a, b in tensors)
+    whole_state, resumed_state = whole_kept["model"].state_dict(), kept["model"].state_dict()
+    tensors = {n: (a, resumed_state[n]) for n, a in whole_state.items() if isinstance(a, torch.Tensor)}
+    differing = {n: float((a.float() - b.float()).abs().max()) for n, (a, b) in tensors.items() if not a.equal(b)}
     queue.put((rank, {"whole": whole, "first": first, "resumed": resumed, "saved": saved, "latest": latest,
-                      "same_weights": same_weights, "refused": refused, "refused_steps": refused_steps}))
+                      "compared": len(tensors), "differing": differing, "refused": refused,
+                      "refused_steps": refused_steps}))
 
 
 def fp8_weights_once_per_step(rank, world, port, queue):

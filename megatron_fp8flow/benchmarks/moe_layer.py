@@ -59,16 +59,20 @@ def _layer(mode: str, cfg, fused: bool = False):
     return layer.to(torch.cuda.current_device()) if torch.cuda.is_available() else layer
 
 
-def with_main_grads(layer, cfg, stacked: bool = False):
+def with_main_grads(layer, cfg, stacked: bool = False, distributed_optimizer: bool = False):
     """(module to call, zero_grads): the layer under Megatron's own DistributedDataParallel on a
     GPU (fp32 gradient buffers, its hooks, its layout: reverse parameter order, so one expert's
     fc1 and fc2 gradients alternate), or :class:`~..megatron.main_grad.MainGrads` (the same
     contract, each linear's expert gradients stacked) when ``stacked`` or on a CPU, where
-    Megatron's DDP cannot allocate its buffers."""
+    Megatron's DDP cannot allocate its buffers. ``distributed_optimizer``: DDP as the distributed
+    optimizer configures it, which also moves the parameters into one buffer (so a linear's
+    expert weights lie at one stride and are quantized in one launch)."""
     if torch.cuda.is_available() and not stacked:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), layer)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=distributed_optimizer)
+        ddp = DistributedDataParallel(cfg, ddp_config, layer)
         return ddp, ddp.zero_grad_buffer
     from ..megatron.main_grad import MainGrads
 
@@ -78,7 +82,7 @@ def with_main_grads(layer, cfg, stacked: bool = False):
 
 def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, local_experts: int = 32,
         topk: int = 8, tokens: int = 4096, modes=MODES, reps: int = 10, warmup: int = 3,
-        grads: str = "main_grad") -> Optional[dict]:
+        grads: str = "main_grad", distributed_optimizer: bool = False) -> Optional[dict]:
     """Time forward + backward of one MoE layer per mode. ``grads``: ``main_grad`` (as in
     training: the layer runs under Megatron's DDP; the plugin's experts add their weight
     gradients into the fp32 main_grad inside the GEMMs, every other weight, the stock
@@ -107,7 +111,8 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     for mode in modes:
         layer = _layer(mode, cfg, fused=grads != "param")
         module, zero = ((layer, lambda: None) if grads == "param"
-                        else with_main_grads(layer, cfg, stacked=grads == "main_grad_stacked"))
+                        else with_main_grads(layer, cfg, stacked=grads == "main_grad_stacked",
+                                             distributed_optimizer=distributed_optimizer))
 
         def step():
             inp = x.detach().requires_grad_(True)
@@ -163,8 +168,9 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
         return None
     env = environment(dev) if cuda else {"gpu": "CPU", "torch": torch.__version__, "triton": ""}
     shapes = {"hidden": hidden, "moe_ffn": moe_ffn, "topk": topk, "shared_ffn": moe_ffn}
-    suffix = "" if grads == "main_grad" else f"_{grads}"
-    return save_result({**env, "shapes": shapes, "rows": [asdict(r) for r in rows]}, out_dir,
+    suffix = ("" if grads == "main_grad" else f"_{grads}") + ("_distopt" if distributed_optimizer else "")
+    return save_result({**env, "shapes": shapes, "ddp_distributed_optimizer": distributed_optimizer,
+                        "rows": [asdict(r) for r in rows]}, out_dir,
                        f"moe_layer_{world}gpu{suffix}.json")
 
 
@@ -258,6 +264,9 @@ def main(argv=None) -> None:
                         help="main_grad: Megatron DDP's fp32 buffers (default); main_grad_stacked: the same, each "
                         "linear's expert gradients stacked; param: per-parameter .grad")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="with --grads main_grad: Megatron's DDP as the distributed optimizer sets it up "
+                             "(parameters moved into one buffer)")
     parser.add_argument("--breakdown", metavar="MODES", help="instead of the table: device time by category of "
                         "these modes' steps (comma-separated)")
     args = parser.parse_args(argv)
@@ -276,7 +285,7 @@ def main(argv=None) -> None:
         print(json.dumps([{k: p[k] for k in ("mode", "top_kernels_ms")} for p in parts], indent=1))
         print(render_breakdown(parts))
         return
-    result = run(args.out_dir, modes=modes, grads=args.grads)
+    result = run(args.out_dir, modes=modes, grads=args.grads, distributed_optimizer=args.distributed_optimizer)
     if result is not None:
         print(render(result))
 
