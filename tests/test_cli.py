@@ -226,7 +226,7 @@ def test_missing_packages_are_named(monkeypatch, capsys, no_training):
 # Results are never written over
 
 
-def _fake_history(recipe, steps, seed, on_log, keep_model):
+def _fake_history(recipe, steps, seed, on_log, keep_model, memory=None):
     history = []
     for step in (1, 2):
         rec = {"step": step, "loss": 5.0 / step, "lr": 1e-3, "tokens_per_s": 100.0, "peak_mem_gb": 0.1,
@@ -309,3 +309,11 @@ def test_bad_value_in_a_fresh_process_is_one_line():
     done = _fp8flow("numerics", "--m", "0")
     assert done.returncode == 2 and done.stderr.splitlines() == [
         "fp8flow numerics: error: argument --m: 0 given; expected a positive integer (1, 2, ...)"]
+
+
+def test_memory_breakdown_is_for_the_compact_loop(capsys):
+    from megatron_fp8flow import cli
+
+    assert cli.main(["train", "proxies/tiny_cpu", "--megatron", "--memory-breakdown", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory-breakdown records the compact loop's allocations" in err and "Traceback" not in err
