@@ -306,3 +306,66 @@ def test_memory_breakdown_replays_to_the_peak():
     assert gb == {"parameters": 100, "main_grad": 400, "optimizer": 809, "fp8_weights": 50, "activations": 70,
                   "backward": 20, "other": 0}
     assert "| **peak allocated** | 0.00 |" in memory.render({"flow": out})
+
+
+def _seeded_run(precision, seed, offset, steps=400, every=20):
+    """A run whose validation loss is a decaying curve times (1 + offset)."""
+    hist = [{"step": s, "loss": 9.0, "lr": 1e-3, "tokens_per_s": 1.0, "peak_mem_gb": 1.0, "grad_norm": 1.0,
+             "val_loss": (3.0 + 2.0 / (1 + s / 100)) * (1 + offset)} for s in range(every, steps + 1, every)]
+    return {"recipe": "r", "precision": precision, "seed": seed, "history": hist,
+            "summary": {"final_loss": 9.0, "tokens_per_s": 1.0, "peak_mem_gb": 1.0, "steps": steps}}
+
+
+def test_convergence_verdict_from_seeds(tmp_path):
+    """The noise floor from the bf16 seeds, each precision's mean difference with its interval
+    from the seeds, the pass rule, and flow against blockwise."""
+    from megatron_fp8flow.training import verdict
+
+    runs = {f"bf16 seed {i}": _seeded_run("bf16", i, e) for i, e in enumerate((0.0, 0.001, -0.001))}
+    runs.update({f"fp8flow seed {i}": _seeded_run("fp8flow", i, e) for i, e in enumerate((0.0005, 0.0003, 0.0007))})
+    runs.update({f"blockwise seed {i}": _seeded_run("blockwise", i, e) for i, e in enumerate((0.004, 0.0042))})
+    v = verdict.verdict(runs, window=3)
+    assert v["verdict"] == "pass" and v["noise_floor"] == pytest.approx(0.002 / 0.999, rel=1e-9)  # relative to the lower seed
+    flow, block = v["vs_bf16"]["fp8flow"], v["vs_bf16"]["blockwise"]
+    assert flow["mean"] == pytest.approx(0.0005, rel=1e-6) and flow["seeds"] == 3
+    assert flow["ci95"] == pytest.approx(4.303 * 0.0002 / 3 ** 0.5, rel=1e-4)
+    assert block["mean"] == pytest.approx(0.0041, rel=1e-6) and v["flow_vs_blockwise"] == "flow ahead of blockwise"
+    assert v["from_step"] == 200 + 20 and v["to_step"] == 400  # the last half of 20 evaluations
+    text = verdict.render(v)
+    assert "| fp8flow | 3 | +0.050% |" in text and "Verdict: PASS" in text
+    verdict.plot(runs, v, str(tmp_path / "a.png"), str(tmp_path / "b.png"))
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+    worse = {**runs, **{f"fp8flow seed {i}": _seeded_run("fp8flow", i, 0.003) for i in range(3)}}
+    v = verdict.verdict(worse)
+    assert v["verdict"] == "fail" and any("outside the bf16 noise floor" in r for r in v["reasons"])
+    assert any("exceeds 0.25%" in r for r in v["reasons"])
+    one = {"bf16": _seeded_run("bf16", 1, 0.0), "fp8flow": _seeded_run("fp8flow", 1, 0.0)}
+    v = verdict.verdict(one)
+    assert v["verdict"] == "fail" and v["noise_floor"] is None and "no noise floor" in v["reasons"][0]
+    assert v["vs_bf16"]["fp8flow"]["ci95"] is None
+    with pytest.raises(ValueError, match="needs bf16 runs"):
+        verdict.verdict({"fp8flow": _seeded_run("fp8flow", 1, 0.0)})
+
+
+def test_compare_merges_seeds_and_writes_the_verdict(tmp_path, capsys):
+    import json
+
+    from megatron_fp8flow import cli
+
+    dirs = []
+    for precision, seed, offset in (("bf16", 1, 0.0), ("bf16", 2, 0.001), ("fp8flow", 1, 0.0004),
+                                    ("fp8flow", 2, 0.0006)):
+        d = tmp_path / f"{precision}_{seed}"
+        d.mkdir()
+        (d / "compare.json").write_text(json.dumps({precision: _seeded_run(precision, seed, offset)}))
+        dirs.append(str(d))
+    out, target = tmp_path / "merged", tmp_path / "verdict.json"
+    assert cli.main(["compare", *dirs, "--out", str(out), "--verdict", str(target)]) == 0
+    text = capsys.readouterr().out
+    assert "Verdict: PASS" in text and json.loads(target.read_text())["verdict"] == "pass"
+    merged = json.loads((out / "compare.json").read_text())
+    assert sorted(merged) == ["bf16 seed 1", "bf16 seed 2", "fp8flow seed 1", "fp8flow seed 2"]
+    assert (out / "validation_by_seed.png").exists() and (out / "difference.png").exists()
+    assert cli.main(["compare", *dirs, "--out", str(tmp_path / "again"), "--verdict", str(target)]) == 0
+    assert "not written over" in capsys.readouterr().err and (tmp_path / "verdict-2.json").exists()

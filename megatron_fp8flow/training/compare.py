@@ -90,8 +90,8 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
 
         memory = {} if memory_breakdown else None
         history = train(recipe, steps=steps, on_log=progress, memory=memory)
-        results[precision] = {"recipe": recipe_name, "history": history, "summary": summarize(history),
-                              "device": device_description()}
+        results[precision] = {"recipe": recipe_name, "precision": precision, "seed": recipe.args.get("seed", 1234),
+                              "history": history, "summary": summarize(history), "device": device_description()}
         if memory:
             results[precision]["memory_at_peak"] = memory["breakdown"]
     if not lead:
@@ -122,16 +122,21 @@ def merge(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] = N
     results: Dict[str, dict] = {}
     if labels is not None and len(labels) != len(dirs):
         raise UsageError(f"{len(labels)} labels for {len(dirs)} directories")
+    found = []
     for i, d in enumerate(dirs):
         runs = read_results(d)
         if labels is not None:
             if len(runs) != 1:
                 raise UsageError(f"{d} holds {len(runs)} runs ({', '.join(runs)}); a label names one")
             runs = {labels[i]: next(iter(runs.values()))}
-        for name, r in runs.items():
-            if name in results:
-                raise UsageError(f"run {name!r} is in more than one of {list(dirs)}; label them apart (labels=)")
-            results[name] = r
+        found += list(runs.items())
+    names = [n for n, _ in found]
+    for name, r in found:
+        if labels is None and names.count(name) > 1 and "seed" in r:  # seeds of one precision: named apart
+            name = f"{name} seed {r['seed']}"
+        if name in results:
+            raise UsageError(f"run {name!r} is in more than one of {list(dirs)}; label them apart (labels=)")
+        results[name] = r
     if not results:
         raise UsageError(f"no results in {list(dirs)}")
     out_dir, moved = fresh_results_dir(out_dir)
