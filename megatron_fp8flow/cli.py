@@ -205,7 +205,8 @@ def _cmd_data(args) -> int:
     _need_megatron("data")  # Megatron's indexed-dataset writer
     stats = write_indexed_dataset(args.prefix, args.corpus)
     print(f"{args.prefix}.bin/.idx: {args.corpus}, {stats['documents']:,} documents, {stats['tokens']:,} byte "
-          f"tokens (vocab_size 256). Train on it with --set data_path={args.prefix} (compact loop or --megatron).")
+          f"tokens (vocab_size 256; fingerprint {stats['sha256']}). Train on it with --set data_path={args.prefix} "
+          "(compact loop or --megatron).")
     return 0
 
 

@@ -134,6 +134,19 @@ def test_stdlib_corpus_is_larger_real_text():
     assert all(len(d) for d in docs) and all(a.equal(b) for a, b in zip(docs, small))  # the docs come first
 
 
+def test_torch_corpus_holds_a_convergence_run_seen_about_once():
+    """python-torch: the stdlib corpus, then PyTorch's own source; enough bytes for the
+    convergence recipe (1500 steps x 32k tokens) to see each about once, and no test files."""
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training import text
+
+    stdlib, docs = text.documents("python-stdlib"), text.documents("python-torch")
+    assert all(a.equal(b) for a, b in zip(docs, stdlib)) and len(docs) > len(stdlib) + 1000
+    args = load_recipe("proxies/deepseek_v3_convergence").args
+    needed = args["train_iters"] * args["global_batch_size"] * args["seq_length"]
+    assert sum(map(len, docs)) > 0.9 * needed  # each byte seen about once (the issue allows ~3 passes)
+
+
 @pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])
 def test_compact_loop_trains_two_steps(world):
     import torch

@@ -1,22 +1,29 @@
-"""Real text that ships with Python itself, as byte-level tokens (vocab 256).
+"""Real text that every machine with this package has, as byte-level tokens (vocab 256).
 
 Corpora: ``python-docs``, the reference documentation of the language (``pydoc_data.topics``,
-~0.5 MB of English prose and grammar; the default), and ``python-stdlib``, those topics plus the
+~0.5 MB of English prose and grammar; the default); ``python-stdlib``, those topics plus the
 standard library's own modules (no tests; ~11 MB of code, docstrings and comments), for runs
-that would otherwise pass over the small one many times. Either can be written as a Megatron
-indexed dataset (``fp8flow data``), which both the compact loop and Megatron's ``pretrain()``
-read through ``data_path``.
+that would otherwise pass over the small one many times; and ``python-torch``, those plus the
+Python source of PyTorch itself (a requirement of this package, so installed from the package
+registry with it; no tests; ~57 MB in all), for convergence runs of tens of millions of tokens
+that should see each byte about once. The text depends on the Python and PyTorch versions
+installed: runs that are compared should write their data on machines alike (``fp8flow data``
+prints a fingerprint of the tokens to check). Any of them can be written as a Megatron indexed
+dataset (``fp8flow data``), which both the compact loop and Megatron's ``pretrain()`` read
+through ``data_path``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-CORPORA = ("python-docs", "python-stdlib")
+CORPORA = ("python-docs", "python-stdlib", "python-torch")
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "testing", "idlelib"}
 
 
 def _as_tokens(text: str) -> torch.Tensor:
@@ -32,13 +39,20 @@ def documents(name: str = "python-docs") -> List[torch.Tensor]:
     from pydoc_data.topics import topics
 
     docs = [_as_tokens(topics[k]) for k in sorted(topics)]
-    if name == "python-stdlib":
-        lib = Path(sysconfig.get_paths()["stdlib"])
-        skip = {"site-packages", "dist-packages", "test", "tests", "idlelib"}
-        for path in sorted(p for p in lib.rglob("*.py") if not skip & set(p.relative_to(lib).parts)):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            if text.strip():  # empty __init__ files are not documents
-                docs.append(_as_tokens(text))
+    if name in ("python-stdlib", "python-torch"):
+        docs += _source_files(Path(sysconfig.get_paths()["stdlib"]))
+    if name == "python-torch":
+        docs += _source_files(Path(torch.__file__).parent)
+    return docs
+
+
+def _source_files(root: Path) -> List[torch.Tensor]:
+    """The non-empty .py files under ``root`` by path, tests and vendored packages left out."""
+    docs = []
+    for path in sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts)):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():  # empty __init__ files are not documents
+            docs.append(_as_tokens(text))
     return docs
 
 
@@ -64,7 +78,11 @@ def write_indexed_dataset(prefix: str, name: str = "python-docs") -> Dict[str, i
     for doc in docs:
         builder.add_document(doc.numpy(), [len(doc)])
     builder.finalize(f"{prefix}.idx")
-    return {"documents": len(docs), "tokens": sum(len(d) for d in docs)}
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(doc.numpy().tobytes())
+        digest.update(b"\0")
+    return {"documents": len(docs), "tokens": sum(len(d) for d in docs), "sha256": digest.hexdigest()[:16]}
 
 
 def read_indexed_datasets(data_path: Sequence[str], vocab_size: Optional[int] = None) -> torch.Tensor:
