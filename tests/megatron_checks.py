@@ -362,3 +362,25 @@ def layer_host_syncs(rank, world, port, modes, queue):
             torch.cuda.set_sync_debug_mode("default")
         out[mode] = counts
     queue.put((rank, out))
+
+
+def expert_buffer_layout(rank, world, port, queue):
+    """Where Megatron's DDP puts the plugin's expert gradients (and, with the distributed
+    optimizer, the weights): each linear's, over the local experts, as one stacked tensor."""
+    from megatron_fp8flow import gemm
+    from megatron_fp8flow.benchmarks import moe_layer
+
+    sm.init_parallel(rank, world, ep=world, port=port)
+    shape = sm.device_shape(num_layers=1, mtp_layers=0, experts=4 * world, topk=2)
+    cfg = sm.config(shape)
+    out = {}
+    for dist_opt in (False, True):
+        layer = moe_layer._layer("flow", cfg, fused=True)
+        moe_layer.with_main_grads(layer, cfg, distributed_optimizer=dist_opt)
+        w = layer.experts.expert_weights()
+        e = layer.experts.num_local_experts
+        out[dist_opt] = {
+            "grads_stacked": all(gemm.stacked_view([p.main_grad for p in ws]) is not None for ws in (w[:e], w[e:])),
+            "weights_stacked": all(gemm.stacked_view([p.data for p in ws]) is not None for ws in (w[:e], w[e:])),
+        }
+    queue.put((rank, out))

@@ -382,3 +382,44 @@ def test_compare_merges_seeds_and_writes_the_verdict(tmp_path, capsys):
     assert (out / "validation_by_seed.png").exists() and (out / "difference.png").exists()
     assert cli.main(["compare", *dirs, "--out", str(tmp_path / "again"), "--verdict", str(target)]) == 0
     assert "not written over" in capsys.readouterr().err and (tmp_path / "verdict-2.json").exists()
+
+
+def test_checkpoint_loads_by_parameter_name(tmp_path):
+    """Master weights and AdamW's state are matched to parameters by name, so a checkpoint
+    written with the parameters listed in another order resumes each parameter from its own
+    state; one that names no parameters (an earlier format) is refused."""
+    import types
+
+    import torch
+
+    from megatron_fp8flow.training import checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 2), "b": torch.nn.Linear(2, 2, bias=False)})
+        master = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+        return model, master, torch.optim.AdamW(master, lr=0.1)
+
+    model, master, opt = build()
+    for i, m in enumerate(master):
+        m.grad = torch.full_like(m, float(i + 1))
+    opt.step()
+    data = types.SimpleNamespace(gen=torch.Generator())
+    args = {"train_iters": 5}
+    path = checkpoint.save(str(tmp_path), 1, 0, 1, args, "flow", model, master, opt, data, [])
+    state = torch.load(path, weights_only=False)
+    order = [2, 0, 1]  # as if written with the parameters listed as b.weight, a.weight, a.bias
+    state["param_names"] = [state["param_names"][i] for i in order]
+    state["master"] = [state["master"][i] for i in order]
+    state["optimizer"]["state"] = {new: state["optimizer"]["state"][old] for new, old in enumerate(order)}
+    torch.save(state, path)
+    fresh, fresh_master, fresh_opt = build()
+    checkpoint.load(str(tmp_path), 0, 1, args, "flow", fresh, fresh_master, fresh_opt, data)
+    assert all(torch.equal(a, b) for a, b in zip(master, fresh_master))
+    for a, b in zip(master, fresh_master):
+        sa, sb = opt.state[a], fresh_opt.state[b]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    del state["param_names"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="does not name its parameters"):
+        checkpoint.load(str(tmp_path), 0, 1, args, "flow", fresh, fresh_master, fresh_opt, data)

@@ -110,6 +110,26 @@ class FP8FlowExperts(SequentialMLP):
             self._first = False
         return self._fp8_weights[1]
 
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """The submodules with every expert's fc2 after the rest, last expert first, then every
+        expert's fc1, last expert first. Only the order differs from ``nn.Module``'s (names,
+        state dict and checkpoints are unchanged); it is the order Megatron's DDP reads
+        ``named_parameters()`` in and then reverses to lay out its buffers, so each linear's
+        expert gradients (and, with the distributed optimizer, its weights) end up back to back
+        in expert order: one [G, N, K] tensor that a single-launch grouped GEMM reads or
+        accumulates into, instead of fc1 and fc2 alternating. (An optimizer state saved by
+        parameter index, as torch's own is, follows this order.)"""
+        entries = list(super().named_modules(memo, prefix, remove_duplicate))
+        last = self.num_local_experts - 1
+        rank = {}
+        for i, expert in enumerate(self.local_experts):
+            for linear_rank, linear in ((0, getattr(expert, "linear_fc2", None)), (1, getattr(expert, "linear_fc1", None))):
+                for m in (linear.modules() if linear is not None else ()):
+                    rank[id(m)] = (linear_rank, last - i)
+        head = [entry for entry in entries if id(entry[1]) not in rank]
+        tail = sorted((entry for entry in entries if id(entry[1]) in rank), key=lambda entry: rank[id(entry[1])])
+        return iter(head + tail)
+
     def expert_weights(self):
         """fc1 weights of every local expert, then fc2's (the block's parameter order)."""
         return ([e.linear_fc1.weight for e in self.local_experts]

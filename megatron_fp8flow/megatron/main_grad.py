@@ -8,10 +8,9 @@ training loop and the benchmarks on a CPU (where Megatron's DDP cannot allocate 
 use this class for the same contract, so a step accumulates gradients exactly as under
 Megatron: in fp32, over all microbatches, with no per-parameter ``.grad`` left behind.
 
-Unlike Megatron's DDP, which lays the buffer out in reverse parameter order (its buckets fill in
-backward order), the plugin's expert weights are laid out here fc1 of every expert, then fc2 of
-every expert, so each linear's gradients form one [G, N, K] tensor that a k-grouped GEMM
-accumulates into in one launch.
+The plugin's expert weights are laid out fc1 of every expert, then fc2 of every expert, so each
+linear's gradients form one [G, N, K] tensor that a k-grouped GEMM accumulates into in one
+launch (under Megatron's DDP, :meth:`..experts.FP8FlowExperts.named_modules` gives the same).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def save(directory: str, step: int, rank: int, world: int, args: dict, mode: Opt
         "identity": _identity(args, mode, world),
         "model": model.state_dict(),
         "master": [m.detach() for m in master],
+        "param_names": _param_names(model),  # the order of master and of the optimizer's state
         "optimizer": optimizer.state_dict(),
         "data_rng": data.gen.get_state(),
         "torch_rng": torch.get_rng_state(),
@@ -66,6 +67,11 @@ def save(directory: str, step: int, rank: int, world: int, args: dict, mode: Opt
             fh.write(f"{step}\n")
         os.replace(os.path.join(directory, TRACKER + ".tmp"), os.path.join(directory, TRACKER))
     return path
+
+
+def _param_names(model) -> list:
+    """Names of the trainable parameters, in the order the training loop lists them."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def latest_step(directory: str) -> Optional[int]:
@@ -97,11 +103,24 @@ def load(directory: str, rank: int, world: int, args: dict, mode: Optional[str],
     if state["identity"] != want:
         diff = {k: (state["identity"].get(k), v) for k, v in want.items() if state["identity"].get(k) != v}
         raise ValueError(f"the checkpoint {path} belongs to another run: (saved, now) differ in {diff}")
+    names = _param_names(model)
+    saved_names = state.get("param_names")
+    if saved_names is None:
+        raise ValueError(f"the checkpoint {path} does not name its parameters (written by an earlier version, whose "
+                         "parameter order may differ); resume it with the version that wrote it")
+    if sorted(saved_names) != sorted(names):
+        raise ValueError(f"the checkpoint {path} holds other parameters: missing {sorted(set(names) - set(saved_names))[:4]}, "
+                         f"unexpected {sorted(set(saved_names) - set(names))[:4]}")
+    where = {n: i for i, n in enumerate(saved_names)}
     model.load_state_dict(state["model"])
     with torch.no_grad():
-        for m, saved in zip(master, state["master"], strict=True):
-            m.copy_(saved)
-    optimizer.load_state_dict(state["optimizer"])
+        for m, name in zip(master, names, strict=True):
+            m.copy_(state["master"][where[name]])
+    # torch's optimizer state is by position: list the saved positions in today's parameter order
+    opt_state = state["optimizer"]
+    for group in opt_state["param_groups"]:
+        group["params"] = [group["params"][where[name]] for name in names]
+    optimizer.load_state_dict(opt_state)
     data.gen.set_state(state["data_rng"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
