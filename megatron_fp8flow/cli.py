@@ -367,19 +367,6 @@ def _cmd_compare(args) -> int:
     return 0
 
 
-def _fresh_file(path: str) -> str:
-    """``path``, or ``path`` with -2, -3, ... before its extension when it exists (said on stderr):
-    a file someone has is never written over."""
-    if not os.path.exists(path):
-        return path
-    root, ext = os.path.splitext(path)
-    n = 2
-    while os.path.exists(f"{root}-{n}{ext}"):
-        n += 1
-    print(f"{path} exists (not written over): the verdict goes to {root}-{n}{ext}", file=sys.stderr)
-    return f"{root}-{n}{ext}"
-
-
 def existing_dir(text: str) -> str:
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r}: no such directory")
@@ -484,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="fp8flow_results", help=OUT_HELP.format(what="merged figures and plot"))
     c.add_argument("--window", type=positive_int, help="moving-average window (points) for the check (default: 3 "
                                                        "validation points, or 20 logged training points)")
-    c.add_argument("--verdict", metavar="PATH", help="where to write the convergence verdict (JSON) when bf16 "
-                   "runs are among the inputs (default: OUT/verdict.json; an existing file is not written over)")
+    c.add_argument("--verdict", metavar="PATH", type=writable_file,
+                   help="where to write the convergence verdict (JSON) when bf16 runs are among the inputs "
+                        "(default: OUT/verdict.json; an existing file is not written over)")
     c.add_argument("--labels", type=labels, help="a name per directory instead of its precision, e.g. repeats of one "
                                                  "precision: 'bf16,fp8flow,bf16 repeat' (the first is the baseline)")
     c.add_argument("--smooth", type=positive_int, default=1,

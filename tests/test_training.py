@@ -381,7 +381,7 @@ def test_compare_merges_seeds_and_writes_the_verdict(tmp_path, capsys):
     assert sorted(merged) == ["bf16 seed 1", "bf16 seed 2", "fp8flow seed 1", "fp8flow seed 2"]
     assert (out / "validation_by_seed.png").exists() and (out / "difference.png").exists()
     assert cli.main(["compare", *dirs, "--out", str(tmp_path / "again"), "--verdict", str(target)]) == 0
-    assert "not written over" in capsys.readouterr().err and (tmp_path / "verdict-2.json").exists()
+    assert "not written over" in capsys.readouterr().out and (tmp_path / "verdict-2.json").exists()
 
 
 def test_checkpoint_loads_by_parameter_name(tmp_path):
