@@ -18,8 +18,8 @@ import sys
 import warnings
 from dataclasses import asdict
 
-from .validation import (UsageError, as_text, fresh_results_dir, int_at_least, labels, non_negative_int,
-                         positive_int, precisions, writable_file)
+from .validation import (PRECISION_MODES, UsageError, as_text, fresh_results_dir, int_at_least, labels,
+                         non_negative_int, positive_int, precisions, step_list, writable_file)
 
 MEGATRON_EXTRA = 'pip install -e ".[megatron]"'
 # Megatron-Core warns at import, once per module, that it falls back to PyTorch code without
@@ -113,11 +113,19 @@ def _cmd_numerics(args) -> int:
 
     json_path = _fresh_file(args.json) if args.json else None
     console = Console()
-    rows = numerics.run(m=args.m, k=args.k, groups=args.groups, seed=args.seed)
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, Triton interpreter"
-    console.print(numerics.render(rows, args.m, args.k, args.groups, device))
+    if args.dump:
+        try:
+            rows = numerics.run_dump(args.dump)
+        except ValueError as err:
+            raise UsageError(f"--from {args.dump}: {err}") from None
+        title = f"FP8 E4M3 1x128 numerics on tensors saved in training ({args.dump}; {device})"
+        console.print(numerics.render(rows, 0, 0, 0, device, title=title))
+    else:
+        rows = numerics.run(m=args.m, k=args.k, groups=args.groups, seed=args.seed)
+        console.print(numerics.render(rows, args.m, args.k, args.groups, device))
     console.print(
         "rel. error = ||x_hat - x|| / ||x||. DQ+RQ = dequantize the row-wise tensor, requantize "
         "column-wise (double quantization). SAT = scaling-aware transpose on the FP8 bytes."
@@ -264,7 +272,6 @@ def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, 
     from .pretrain_gpt import launch_command
     from .recipes import load_recipe
     from .training.checkpoint import per_precision_dirs
-    from .validation import PRECISION_MODES
 
     if steps is not None:
         overrides = {**overrides, "train_iters": steps}
@@ -317,8 +324,12 @@ def _cmd_train(args) -> int:
         compare.check_recipes(recipe, chosen, args.steps, relaunched, world=nproc)  # before starting N processes
         return _relaunch_with_torchrun(args.argv, nproc, overrides, _fresh_dir(args.out))
     out = _fresh_dir(args.out)
+    dump = (args.dump_experts, args.dump_steps or [1]) if getattr(args, "dump_experts", None) else None
+    if dump and any(PRECISION_MODES[c] == "flow" for c in chosen):
+        raise UsageError("--dump-experts saves the bf16 tokens the experts see: --compare bf16 or blockwise (a flow "
+                         "run's experts take FP8 tokens)")
     results = compare.run(recipe, chosen, steps=args.steps, overrides=overrides, out_dir=out,
-                          memory_breakdown=getattr(args, "memory_breakdown", False))
+                          memory_breakdown=getattr(args, "memory_breakdown", False), dump=dump)
     if results is None:  # not rank 0
         return 0
     print()
@@ -395,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--groups", type=int_at_least(2, "one group is kept empty, like an unused expert"), default=8,
                    help="experts the tokens are grouped into, >= 2")
     n.add_argument("--seed", type=non_negative_int, default=0)
+    n.add_argument("--from", dest="dump", metavar="DUMP", help="measure tensors saved in training (a directory or "
+                   "file written by fp8flow train --dump-experts) instead of synthetic ones")
     n.add_argument("--json", type=writable_file, help="also write the figures to this JSON file (an existing one is "
                                                       "kept: the figures then go to NAME-2.json)")
     n.set_defaults(func=_cmd_numerics)
@@ -460,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compact loop: pipeline, expert and data parallelism, Megatron's datasets; needs "
                         "megatron.training (megatron-core >= 0.19)")
     t.add_argument("--dry-run", action="store_true", help="with --megatron: print the launch commands only")
+    t.add_argument("--dump-experts", metavar="DIR", help="save the first MoE layer's expert tokens and output "
+                   "gradient (bf16) at --dump-steps into DIR/PRECISION/stepN.pt, for fp8flow numerics --from")
+    t.add_argument("--dump-steps", type=step_list, metavar="N,N,...", help="steps to dump (default: 1)")
     t.add_argument("--memory-breakdown", action="store_true",
                    help="record the GPU allocator's history and report each run's memory at its peak by category "
                         "(parameters, main_grad, optimizer, FP8 weights, activations, backward); slows the run")

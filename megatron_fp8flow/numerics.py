@@ -74,8 +74,14 @@ class NumericsRow:
 
 
 def analyze(kind: str, m: int, k: int, groups: int, seed: int, device) -> NumericsRow:
-    x = make_input(kind, m, k, seed, device)
-    splits = router_splits(m, groups, seed + 1)
+    return analyze_tensor(kind, make_input(kind, m, k, seed, device), router_splits(m, groups, seed + 1))
+
+
+def analyze_tensor(kind: str, x: torch.Tensor, splits: list) -> NumericsRow:
+    """The measures for one bf16 tensor [M, K] of tokens grouped by ``splits`` (``kind``: its
+    label in the report)."""
+    device = x.device
+    m, k = x.shape
     xf = x.float()
     # On a GPU everything runs the kernels. On CPU only SAT goes through the (slow) Triton
     # interpreter: it is what the report checks against the reference path.
@@ -139,11 +145,39 @@ def run(m: int = 2048, k: int = 1024, groups: int = 8, seed: int = 0, device=Non
     return [analyze(kind, m, k, groups, seed + i, device) for i, kind in enumerate(KINDS)]
 
 
-def render(rows: list, m: int, k: int, groups: int, device: str):
+def run_dump(path: str, device=None) -> list:
+    """The measures on tensors saved in training (``fp8flow train --dump-experts``): every
+    ``*.pt`` of a directory (or one file), tokens and output gradient of each."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(path, "**", "*.pt"), recursive=True)) if os.path.isdir(path) else [path]
+    if not files:
+        raise ValueError(f"{path}: no dumps (*.pt) found; write them with fp8flow train --dump-experts DIR")
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    rows = []
+    for f in files:
+        record = torch.load(f, map_location="cpu", weights_only=True)
+        missing = {"step", "tokens", "splits", "output_grad"} - set(record)
+        if missing:
+            raise ValueError(f"{f}: not a dump of fp8flow train --dump-experts (missing {sorted(missing)})")
+        name = os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f)
+        for what in ("tokens", "output_grad"):
+            t = record[what].to(device)
+            if t.dim() != 2 or t.shape[0] != sum(record["splits"]) or t.shape[1] % 128:
+                raise ValueError(f"{f}: {what} has shape {tuple(t.shape)}; expected [{sum(record['splits'])}, K] "
+                                 "with K a multiple of 128")
+            rows.append(analyze_tensor(f"{name} {what}", t, record["splits"]))
+    return rows
+
+
+def render(rows: list, m: int, k: int, groups: int, device: str, title: str = ""):
     """A rich Table (metrics down, input families across)."""
     from rich.table import Table
 
-    t = Table(title=f"FP8 E4M3 1x128 numerics: [{m} x {k}] bf16 tokens in {groups} skewed groups ({device})")
+    t = Table(title=title or f"FP8 E4M3 1x128 numerics: [{m} x {k}] bf16 tokens in {groups} skewed groups ({device})")
     t.add_column("measure", style="bold")
     for r in rows:
         t.add_column(r.kind, justify="right")

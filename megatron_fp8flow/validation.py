@@ -327,6 +327,18 @@ def precisions(text: str) -> list:
     return names
 
 
+def step_list(text: str) -> list:
+    """Comma-separated step numbers, e.g. ``1,500,1000``: each a positive integer."""
+    steps = []
+    for part in text.split(","):
+        try:
+            steps.append(positive_int(part.strip()))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {part.strip()!r} is not a step; expected positive integers "
+                                             "separated by commas (1,500,1000)") from None
+    return sorted(set(steps))
+
+
 def labels(text: str) -> list:
     names = [x.strip() for x in text.split(",")]
     if any(not n for n in names):

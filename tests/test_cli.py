@@ -317,3 +317,29 @@ def test_memory_breakdown_is_for_the_compact_loop(capsys):
     assert cli.main(["train", "proxies/tiny_cpu", "--megatron", "--memory-breakdown", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "--memory-breakdown records the compact loop's allocations" in err and "Traceback" not in err
+
+
+def test_dump_real_expert_tensors_and_measure_them(tmp_path, capsys):
+    """fp8flow train --dump-experts saves the first MoE layer's bf16 expert tokens and output
+    gradient at the asked steps; fp8flow numerics --from measures them (SAT exact on them)."""
+    import torch
+
+    from megatron_fp8flow import cli
+
+    dumps = tmp_path / "dumps"
+    assert cli.main(["train", "proxies/tiny_cpu", "--compare", "bf16", "--steps", "1", "--out", str(tmp_path / "r"),
+                     "--dump-experts", str(dumps), "--dump-steps", "1"]) == 0
+    files = sorted(p.name for p in (dumps / "bf16").iterdir())
+    assert files == ["step1.pt"]
+    record = torch.load(dumps / "bf16" / "step1.pt", weights_only=True)
+    assert record["tokens"].dtype == torch.bfloat16 and record["tokens"].shape == record["output_grad"].shape
+    assert record["tokens"].shape[0] == sum(record["splits"]) and record["tokens"].abs().sum() > 0
+    assert record["output_grad"].abs().sum() > 0
+    capsys.readouterr()
+    assert cli.main(["numerics", "--from", str(dumps)]) == 0
+    out = capsys.readouterr().out
+    assert "tensors saved in training" in out and "step1.pt tokens" in out and "output_grad" in out
+    assert cli.main(["train", "proxies/tiny_cpu", "--compare", "fp8flow", "--dump-experts", str(dumps)]) == 2
+    assert "--compare bf16 or blockwise" in capsys.readouterr().err
+    assert cli.main(["numerics", "--from", str(tmp_path / "r")]) == 2  # holds no dumps
+    assert "no dumps" in capsys.readouterr().err

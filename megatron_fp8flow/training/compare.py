@@ -60,13 +60,15 @@ def check_recipes(recipe_name: str, precisions: Sequence[str], steps: Optional[i
 
 def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps: Optional[int] = None,
         overrides: Optional[dict] = None, out_dir: str = "fp8flow_results", echo=print,
-        memory_breakdown: bool = False) -> Dict[str, dict]:
+        memory_breakdown: bool = False, dump: Optional[tuple] = None) -> Dict[str, dict]:
     """Train the recipe once per precision; under torchrun every rank trains and rank 0 reports
     (returns the results on rank 0, None on the others). Every precision's recipe is loaded and
     checked before the first one trains. Results are never written over: when ``out_dir`` holds
     files already, they go to ``out_dir-2`` (or -3, ...), and ``echo`` says so. Besides
     compare.json: rows.json (one row per run: precision, tokens/s, peak GB) and, with
-    ``memory_breakdown`` (GPU), each run's memory at its peak by category (:mod:`.memory`)."""
+    ``memory_breakdown`` (GPU), each run's memory at its peak by category (:mod:`.memory`);
+    ``dump`` (directory, steps): each run's expert tensors at those steps in directory/PRECISION
+    (:mod:`.dump`)."""
     from .loop import StepLog, train
 
     lead = int(os.environ.get("RANK", 0)) == 0
@@ -89,7 +91,8 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
                  f"{rec.tokens_per_s:,.0f} tokens/s  peak {rec.peak_mem_gb:.2f} GB")
 
         memory = {} if memory_breakdown else None
-        history = train(recipe, steps=steps, on_log=progress, memory=memory)
+        where = (os.path.join(dump[0], precision), dump[1]) if dump else None
+        history = train(recipe, steps=steps, on_log=progress, memory=memory, dump=where)
         results[precision] = {"recipe": recipe_name, "precision": precision, "seed": recipe.args.get("seed", 1234),
                               "history": history, "summary": summarize(history), "device": device_description()}
         if memory:

@@ -33,6 +33,7 @@ from ..megatron.main_grad import MainGrads
 from ..megatron.settings import FP8FlowSettings
 from ..recipes import Recipe, RecipeError
 from . import checkpoint
+from .dump import ExpertDump
 from .memory import recording
 from .model import build_model
 from .text import ByteBatches, read_indexed_datasets, split_fractions
@@ -183,11 +184,12 @@ def _batches(args: dict, micro: int, seed: int) -> ByteBatches:
 
 def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = None,
           on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None,
-          memory: Optional[dict] = None) -> List[dict]:
+          memory: Optional[dict] = None, dump: Optional[tuple] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
     receives the trained model under "model"; ``memory``: a dict that receives the GPU memory at
     its peak by category under "breakdown", see :mod:`.memory`; recording it slows the run, so
-    time another). ``seed`` (default: the recipe's ``seed``, else
+    time another; ``dump``: (directory, steps) to save the first MoE layer's expert tensors at,
+    see :mod:`.dump`). ``seed`` (default: the recipe's ``seed``, else
     Megatron's default 1234) sets the initial weights and the order of the training text.
 
     With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
@@ -195,21 +197,21 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
     backward ops make two GPU runs of one seed drift apart. (Not yet run on a GPU.)"""
     check_run(recipe, steps)
     if not recipe.args.get("deterministic_mode"):
-        return _train(recipe, steps, seed, on_log, keep_model, memory)
+        return _train(recipe, steps, seed, on_log, keep_model, memory, dump)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(recipe, steps, seed, on_log, keep_model, memory)
+        return _train(recipe, steps, seed, on_log, keep_model, memory, dump)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
 def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
            on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict],
-           memory: Optional[dict] = None) -> List[dict]:
+           memory: Optional[dict] = None, dump: Optional[tuple] = None) -> List[dict]:
     with recording(memory is not None) as recorded:
-        history = _train_steps(recipe, steps, seed, on_log, keep_model)
+        history = _train_steps(recipe, steps, seed, on_log, keep_model, dump)
     if memory is not None:
         memory.update(recorded)
     return history
@@ -225,7 +227,8 @@ def master_weights(params) -> List[torch.Tensor]:
 
 
 def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
-                 on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict]) -> List[dict]:
+                 on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict],
+                 dump: Optional[tuple] = None) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
 
     from ..megatron.parallel import init_parallel
@@ -244,6 +247,7 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
     params = [p for p in model.parameters() if p.requires_grad]
     main_grads = MainGrads(model)  # fp32 gradients over the step's microbatches, as Megatron's DDP keeps them
     master = master_weights(params)
+    dumper = ExpertDump(model, dump[1], dump[0]) if dump else None
     opt = torch.optim.AdamW(master, lr=args.get("lr", 1e-4), betas=(args.get("adam_beta1", 0.9),
                             args.get("adam_beta2", 0.95)), eps=args.get("adam_eps", 1e-8),
                             weight_decay=args.get("weight_decay", 0.0),
@@ -281,6 +285,8 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
         for group in opt.param_groups:
             group["lr"] = lr
         main_grads.zero()
+        if dumper:
+            dumper.arm(step + 1)
         step_loss = torch.zeros((), device=dev)
         for _ in range(accumulate):
             ids, labels = (t.to(dev) for t in data.next())
