@@ -210,16 +210,20 @@ def test_weight_quantize_and_transpose(device, cast_path, shape, pow2, dtype):
                      "weight of a strided view")
 
 
-@pytest.mark.parametrize("layout", ["stacked", "reversed", "interleaved", "separate"])
+@pytest.mark.parametrize("layout", ["stacked", "reversed", "interleaved", "separate", "mixed_strides"])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_weight_stack_quantize(device, cast_path, layout, transposed):
     """Several weights in one call, bit for bit those of one call each: one launch over a stack
     (in order, in reverse order through a negative stride, or interleaved with other weights as
-    Megatron DDP lays out fc1 and fc2), or one per weight when they share no stride."""
+    Megatron DDP lays out fc1 and fc2), one through a table of addresses for weights in
+    allocations of their own, one per weight when their strides differ."""
     g, n, k = 3, 256, 384
     src = [(make_activations(n, k, kind="outlier", seed=40 + i) * (i + 1)).bfloat16() for i in range(g)]
     if layout == "separate":
         ws = [w.to(device) for w in src]
+    elif layout == "mixed_strides":
+        ws = [w.to(device) for w in src]
+        ws[1] = torch.empty(k, n, dtype=torch.bfloat16, device=device).t().copy_(ws[1])  # column-major
     else:
         slots = {"stacked": list(range(g)), "reversed": list(range(g))[::-1], "interleaved": [0, 2, 4]}[layout]
         buf = torch.randn(max(slots) + 1, n, k).to(device, torch.bfloat16)  # the others: other weights
@@ -228,7 +232,7 @@ def test_weight_stack_quantize(device, cast_path, layout, transposed):
         ws = [buf[slot] for slot in slots]
     from megatron_fp8flow.kernels.quantize_weight import uniform_stride
 
-    assert (uniform_stride(ws) is None) == (layout == "separate")
+    assert (uniform_stride(ws) is None) == (layout in ("separate", "mixed_strides"))
     got, data, scale = fp8.quantize_weights(ws, transposed=transposed, backend="triton")
     assert data.shape == ((g, k, n) if transposed else (g, n, k)) and got[1].data.data_ptr() == data[1].data_ptr()
     for i, w in enumerate(src):

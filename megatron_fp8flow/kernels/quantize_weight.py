@@ -11,6 +11,7 @@ both dtypes.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -23,15 +24,20 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 
 @triton.jit
 def _quantize_weight_kernel(
-    w_ptr, q_ptr, s_ptr, N, K, stride_wg, stride_wn, stride_wk, num_nb, num_kb,
-    TRANSPOSED: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr,
+    w_ptr, table_ptr, q_ptr, s_ptr, N, K, stride_wg, stride_wn, stride_wk, num_nb, num_kb,
+    TRANSPOSED: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr, FROM_TABLE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Weight g of a stack: its source at w_ptr + g * stride_wg (elements; negative when the
-    # buffer holds the weights in reverse order), its codes and scales the g-th [N, K] block.
+    # buffer holds the weights in reverse order) or, FROM_TABLE, at the address table_ptr[g]
+    # (weights in allocations of their own); its codes and scales the g-th [N, K] block.
     pid_g = tl.program_id(2).to(tl.int64)
-    w_ptr += pid_g * stride_wg
+    if FROM_TABLE:
+        w_ptr = tl.load(table_ptr + pid_g).to(tl.pointer_type(W_DTYPE))
+    else:
+        w_ptr += pid_g * stride_wg
     q_ptr += pid_g * N * K
     s_ptr += pid_g * num_nb * num_kb
     rows = pid_n * 128 + tl.arange(0, 128)
@@ -57,15 +63,37 @@ def _quantize_weight_kernel(
         tl.store(s_ptr + pid_n * num_kb + pid_k, s)
 
 
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
 def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool, transposed: bool,
-            groups: int = 1, stride_g: int = 0) -> None:
+            groups: int = 1, stride_g: int = 0, table: Optional[torch.Tensor] = None) -> None:
     n, k = w.shape
     if n and k and groups:
         emulate = needs_emulated_cast(w.device)
         _quantize_weight_kernel[(cdiv(n, BLOCK), cdiv(k, BLOCK), groups)](
-            w, fp8_view(data, emulate), scale, n, k, stride_g, w.stride(0), w.stride(1), cdiv(n, BLOCK),
-            cdiv(k, BLOCK), TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate, num_warps=8,
+            w, table if table is not None else scale, fp8_view(data, emulate), scale, n, k, stride_g, w.stride(0),
+            w.stride(1), cdiv(n, BLOCK), cdiv(k, BLOCK), TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate,
+            FROM_TABLE=table is not None, W_DTYPE=_TL_DTYPES[w.dtype], num_warps=8,
         )
+
+
+_tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def address_table(ws) -> torch.Tensor:
+    """The weights' addresses as an int64 tensor on their device, cached by the addresses (the
+    same parameters come back every step): copied once, from pinned memory, without a sync."""
+    key = (ws[0].device, tuple(w.data_ptr() for w in ws))
+    table = _tables.get(key)
+    if table is None:
+        table = torch.tensor(key[1], dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
+        _tables[key] = table
+        if len(_tables) > 256:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
 
 
 def uniform_stride(ws) -> Optional[int]:
@@ -88,16 +116,19 @@ def uniform_stride(ws) -> Optional[int]:
 def quantize_weights(ws, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool = True,
                      transposed: bool = False) -> None:
     """Weights ``ws`` (G of one shape [N, K]) into ``data`` [G, N, K] and ``scale`` [G, nN, nK]
-    (``transposed``: [G, K, N] and [G, nK, nN]): one launch when the weights lie at one stride in
-    one storage (a stacked buffer, or Megatron DDP's parameter buffer), else one per weight."""
+    (``transposed``: [G, K, N] and [G, nK, nN]), in one launch: reading the weights at one
+    stride when they lie so in one storage (a stacked buffer, Megatron DDP's parameter buffer),
+    else through a table of their addresses (weights of one dtype and strides)."""
     if not ws:
         return
     stride = uniform_stride(ws)
     if stride is not None:
         _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=stride)
-        return
-    for i, w in enumerate(ws):
-        _launch(w, data[i], scale[i], pow2_scales, transposed)
+    elif all(w.stride() == ws[0].stride() and w.dtype == ws[0].dtype for w in ws):
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=address_table(ws))
+    else:
+        for i, w in enumerate(ws):
+            _launch(w, data[i], scale[i], pow2_scales, transposed)
 
 
 def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, out=None, out_t=None, transpose_only: bool = False):
