@@ -96,3 +96,13 @@ def categorize_kernels(prof) -> Dict[str, Dict[str, float]]:
         cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in name.lower() for k in keys)), "other")
         cats[cat] = cats.get(cat, 0.0) + ms
     return cats, kernels
+
+
+def relative_paths(text: str) -> str:
+    """A profile's text without this machine's paths: files under site-packages and under this
+    package's checkout are named from there (``triton/runtime/jit.py``,
+    ``megatron_fp8flow/gemm/deepgemm.py``)."""
+    import re
+
+    root = str(Path(__file__).resolve().parents[2]) + os.sep
+    return re.sub(r"[^\s(]*[/\\](?:site|dist)-packages[/\\]", "", text.replace(root, ""))

@@ -22,7 +22,8 @@ import torch
 from .. import fp8, gemm
 from ..fp8.activation import FP8Activation
 from ..moe import MODES, ExpertPrecision, FP8FlowGroupedMLP
-from .common import COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, categorize_kernels, environment, save_result, warm_up
+from .common import (COPY_BANDWIDTH_FLOOR, FP8_BLOCKWISE_FLOPS, categorize_kernels, environment, relative_paths,
+                     save_result, warm_up)
 
 HIDDEN, FFN, TOPK, TOKENS = 7168, 2048, 8, 4096
 
@@ -195,7 +196,7 @@ def breakdown(mode: str, experts: int, device, wgrad_into: str = "main_grad", bf
     return {"mode": mode, "experts": experts, "wgrad_into": wgrad_into,
             "device_ms_by_category": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": {k[:90]: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]},
-            "host_profile_3_steps": text.getvalue()}
+            "host_profile_3_steps": relative_paths(text.getvalue())}
 
 
 def run(out_dir: Optional[str] = None, experts_list=(8, 16, 32), routings=("balanced", "skewed"),
