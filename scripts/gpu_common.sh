@@ -14,6 +14,16 @@ need_megatron() {
   fi
 }
 
+# deep_gemm from a wheel in .dgw/ when it is not importable; DG_PRELOAD_LIBSTDCXX=1 preloads the
+# system's libstdc++ where the extension was linked with a static one (its first call crashes otherwise).
+need_deepgemm() {
+  if ! python3 -c "import deep_gemm" 2>/dev/null && ls .dgw/deepgemm-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dg .dgw/deepgemm-*.whl || return 1
+    export PYTHONPATH="/tmp/dg:${PYTHONPATH:-}"
+  fi
+  if [ "${DG_PRELOAD_LIBSTDCXX:-0}" = 1 ]; then export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6; fi
+}
+
 # gpu_main "DEFAULT STEPS" OUTPUT_DIR [STEP ...]: runs each step, prints its status, and returns
 # non-zero when any step failed. Sets $out for the steps.
 gpu_main() {

@@ -11,11 +11,7 @@ cli="python3 -m megatron_fp8flow.cli"
 
 setup() {
   need_megatron
-  if ! python3 -c "import deep_gemm" 2>/dev/null && ls .dgw/deepgemm-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dg .dgw/deepgemm-*.whl || return 1
-    export PYTHONPATH="/tmp/dg:$PYTHONPATH"
-  fi
-  if [ "${DG_PRELOAD_LIBSTDCXX:-0}" = 1 ]; then export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6; fi
+  need_deepgemm || return 1
   export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-/tmp/dg_jit}
   data=${DATA:-/tmp/fp8flow_data/torch}
   [ -f "$data.idx" ] || $cli data "$data" --corpus python-torch 2>&1 | quiet | tail -1 | tee "$out/data.txt"

@@ -8,11 +8,7 @@
 source "$(dirname "$0")/gpu_common.sh"
 
 setup() {
-  if ! python3 -c "import deep_gemm" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dg .dgw/deepgemm-*.whl || return 1
-    export PYTHONPATH="/tmp/dg:$PYTHONPATH"
-  fi
-  if [ "${DG_PRELOAD_LIBSTDCXX:-0}" = 1 ]; then export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6; fi
+  need_deepgemm || return 1
   python3 -c "import deep_gemm, torch; print('deep_gemm', deep_gemm.__version__, torch.cuda.get_device_name())" || return 1
 }
 
