@@ -21,6 +21,8 @@ import statistics
 from itertools import combinations
 from typing import Dict, List, Optional, Sequence
 
+from .compare import smoothed
+
 REFERENCE = "bf16"
 CANDIDATE = "fp8flow"
 # two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond
@@ -29,16 +31,6 @@ _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 def t95(dof: int) -> float:
     return _T95[dof - 1] if 1 <= dof <= len(_T95) else 1.96
-
-
-def _smoothed(values: Sequence[float], window: int) -> List[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def validation_curve(run: dict) -> Dict[int, float]:
@@ -85,7 +77,7 @@ def verdict(results: Dict[str, dict], window: int = 3, limit: float = 0.0025) ->
 
     def smooth(run):
         c = validation_curve(run)
-        return _smoothed([c[s] for s in steps], window)[tail]
+        return smoothed([c[s] for s in steps], window)[tail]
 
     ref = [smooth(r) for r in groups[REFERENCE].values()]
     ref_mean = [statistics.fmean(v) for v in zip(*ref)]
@@ -167,7 +159,7 @@ def plot(results: Dict[str, dict], v: dict, path_loss: str, path_diff: str) -> N
     window = v["window"]
 
     def curves(runs):
-        return [_smoothed([validation_curve(r)[s] for s in steps], window) for r in runs.values()]
+        return [smoothed([validation_curve(r)[s] for s in steps], window) for r in runs.values()]
 
     ref = [statistics.fmean(x) for x in zip(*curves(groups[REFERENCE]))]
     fig, ax = plt.subplots(figsize=(7, 4))
