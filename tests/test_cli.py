@@ -226,7 +226,7 @@ def test_missing_packages_are_named(monkeypatch, capsys, no_training):
 # Results are never written over
 
 
-def _fake_history(recipe, steps, seed, on_log, keep_model, memory=None):
+def _fake_history(recipe, steps, seed, on_log, keep_model, *_options):
     history = []
     for step in (1, 2):
         rec = {"step": step, "loss": 5.0 / step, "lr": 1e-3, "tokens_per_s": 100.0, "peak_mem_gb": 0.1,
