@@ -384,3 +384,41 @@ def expert_buffer_layout(rank, world, port, queue):
             "weights_stacked": all(gemm.stacked_view([p.data for p in ws]) is not None for ws in (w[:e], w[e:])),
         }
     queue.put((rank, out))
+
+
+def expert_parameter_order(rank, world, port, queue):
+    """The parameter order FP8FlowExperts gives, against nn.Module's own and DDP's layout."""
+    from megatron_fp8flow import gemm
+    from megatron_fp8flow.megatron import FP8FlowExperts
+
+    sm.init_parallel(rank, world, ep=world, port=port)
+    shape = sm.SmallMoE(num_layers=1, mtp_layers=0, experts=4)
+    model = sm.build(sm.config(shape), FP8FlowSettings(gemm_backend=BACKEND), shape=shape)
+    experts = next(m for m in model.modules() if isinstance(m, FP8FlowExperts))
+    default = list(torch.nn.Module.named_modules(experts))
+    ours = list(experts.named_modules())
+
+    def layout(params):  # DDP's: named_parameters() reversed, one buffer
+        buffer = torch.zeros(sum(p.numel() for p in params))
+        views, offset = {}, 0
+        for p in params[::-1]:
+            views[p] = buffer[offset: offset + p.numel()].view(p.shape)
+            offset += p.numel()
+        return views
+
+    def dfs(module):  # nn.Module's own order: parameters first, then children as registered
+        yield from (p for p in module._parameters.values() if p is not None)
+        for child in module._modules.values():
+            if child is not None:
+                yield from dfs(child)
+
+    w, e = experts.expert_weights(), experts.num_local_experts
+    ddp = layout([p for _, p in model.named_parameters()])
+    plain = layout(list(dict.fromkeys(dfs(model))))
+    queue.put((rank, {
+        "same_modules": sorted(n for n, _ in ours) == sorted(n for n, _ in default) and len(ours) == len(default),
+        "last_two": [n for n, _ in ours][-2:],
+        "same_state_dict_order": list(model.state_dict()) == list(torch.nn.Module.state_dict(model)),
+        "stacked_in_ddp_layout": all(gemm.stacked_view([ddp[p] for p in ws]) is not None for ws in (w[:e], w[e:])),
+        "default_order_stacks": any(gemm.stacked_view([plain[p] for p in ws]) is not None for ws in (w[:e], w[e:])),
+    }))

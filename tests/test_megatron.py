@@ -261,40 +261,10 @@ def test_expert_parameters_in_ddp_order():
     Megatron's DDP reverses named_parameters() to lay out its buffers, so each linear's expert
     gradients then lie back to back in expert order (one [G, N, K] tensor). Names, the set of
     modules and the state dict are unchanged."""
-    import torch
-
-    from megatron_fp8flow import gemm
-    from megatron_fp8flow.megatron import FP8FlowExperts
-
-    sm.init_parallel(0, 1)
-    shape = sm.SmallMoE(num_layers=1, mtp_layers=0, experts=4)
-    model = sm.build(sm.config(shape), FP8FlowSettings(gemm_backend="emulated"), shape=shape)
-    experts = next(m for m in model.modules() if isinstance(m, FP8FlowExperts))
-    default = list(torch.nn.Module.named_modules(experts))
-    ours = list(experts.named_modules())
-    assert sorted(n for n, _ in ours) == sorted(n for n, _ in default) and len(ours) == len(default)
-    assert [n for n, _ in ours][-2:] == ["local_experts.1.linear_fc1", "local_experts.0.linear_fc1"]
-    assert list(model.state_dict()) == list(dict(torch.nn.Module.state_dict(model)))
-    # DDP's layout: named_parameters() reversed, one buffer
-    params = [p for _, p in model.named_parameters()][::-1]
-    buffer = torch.zeros(sum(p.numel() for p in params))
-    views, offset = {}, 0
-    for p in params:
-        views[p] = buffer[offset: offset + p.numel()].view(p.shape)
-        offset += p.numel()
-    w, e = experts.expert_weights(), experts.num_local_experts
-    assert all(gemm.stacked_view([views[p] for p in ws]) is not None for ws in (w[:e], w[e:]))
-
-
-    def dfs(module):  # nn.Module's own order, parameters before children, children as registered
-        yield from (p for p in module._parameters.values() if p is not None)
-        for child in module._modules.values():
-            if child is not None:
-                yield from dfs(child)
-
-    default_position = {id(p): i for i, p in enumerate(list(dict.fromkeys(dfs(model)))[::-1])}
-    fc1 = [default_position[id(p)] for p in w[:e]]
-    assert fc1 != list(range(fc1[0], fc1[0] + e))  # in the default order fc1 and fc2 alternate
+    r = sm.spawn(checks.expert_parameter_order, 1)[0]
+    assert r["same_modules"] and r["last_two"] == ["local_experts.1.linear_fc1", "local_experts.0.linear_fc1"]
+    assert r["same_state_dict_order"] and r["stacked_in_ddp_layout"]
+    assert not r["default_order_stacks"]  # in nn.Module's own order fc1 and fc2 alternate
 
 
 def test_megatron_ddp_stacks_expert_gradients():
