@@ -322,13 +322,21 @@ def test_memory_breakdown_is_for_the_compact_loop(capsys):
 def test_dump_real_expert_tensors_and_measure_them(tmp_path, capsys):
     """fp8flow train --dump-experts saves the first MoE layer's bf16 expert tokens and output
     gradient at the asked steps; fp8flow numerics --from measures them (SAT exact on them)."""
+    import os
+    import subprocess
+    import sys
+
     import torch
 
     from megatron_fp8flow import cli
 
     dumps = tmp_path / "dumps"
-    assert cli.main(["train", "proxies/tiny_cpu", "--compare", "bf16", "--steps", "1", "--out", str(tmp_path / "r"),
-                     "--dump-experts", str(dumps), "--dump-steps", "1"]) == 0
+    # training in a process of its own: it starts torch.distributed, which must not stay up in this one
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "-m", "megatron_fp8flow.cli", "train", "proxies/tiny_cpu", "--compare",
+                          "bf16", "--steps", "1", "--out", str(tmp_path / "r"), "--dump-experts", str(dumps),
+                          "--dump-steps", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
     files = sorted(p.name for p in (dumps / "bf16").iterdir())
     assert files == ["step1.pt"]
     record = torch.load(dumps / "bf16" / "step1.pt", weights_only=True)
