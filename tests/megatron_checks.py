@@ -219,8 +219,10 @@ def compact_loop_resume(rank, world, port, queue):
     base = {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2, "global_batch_size": 4,
             "log_interval": 1, "eval_interval": 2, "eval_iters": 1, "lr_warmup_iters": 1, "train_iters": 3,
             "deterministic_mode": True}  # on a GPU, atomics in a few backward ops would differ run to run
-    whole_kept, kept = {}, {}
+    whole_kept, again_kept, kept = {}, {}, {}
     whole = loop.train(load_recipe("proxies/tiny_cpu", base), keep_model=whole_kept)
+    # the same uninterrupted run twice: tells nondeterminism apart from a resume that loses state
+    loop.train(load_recipe("proxies/tiny_cpu", base), keep_model=again_kept)
     with tempfile.TemporaryDirectory() as d:
         parts = load_recipe("proxies/tiny_cpu", {**base, "save": d, "load": d, "exit_interval": 2})
         first = loop.train(parts)
@@ -237,11 +239,17 @@ def compact_loop_resume(rank, world, port, queue):
             refused_steps = None
         except ValueError as err:
             refused_steps = str(err)
-    whole_state, resumed_state = whole_kept["model"].state_dict(), kept["model"].state_dict()
-    tensors = {n: (a, resumed_state[n]) for n, a in whole_state.items() if isinstance(a, torch.Tensor)}
-    differing = {n: float((a.float() - b.float()).abs().max()) for n, (a, b) in tensors.items() if not a.equal(b)}
+    def differing_tensors(kept_a, kept_b):  # name: max |difference| of the state dicts' differing tensors
+        a_state, b_state = kept_a["model"].state_dict(), kept_b["model"].state_dict()
+        pairs = {n: (a, b_state[n]) for n, a in a_state.items() if isinstance(a, torch.Tensor)}
+        return len(pairs), {n: float((a.float() - b.float()).abs().max()) for n, (a, b) in pairs.items()
+                            if not a.equal(b)}
+
+    compared, differing = differing_tensors(whole_kept, kept)
+    _, repeat_differing = differing_tensors(whole_kept, again_kept)
     queue.put((rank, {"whole": whole, "first": first, "resumed": resumed, "saved": saved, "latest": latest,
-                      "compared": len(tensors), "differing": differing, "refused": refused,
+                      "compared": compared, "differing": differing, "repeat_differing": repeat_differing,
+                      "refused": refused,
                       "refused_steps": refused_steps}))
 
 

@@ -70,6 +70,30 @@ def test_row_group_index_and_mn_major_scales():
         assert deepgemm.mn_major_scales(t) is t
 
 
+def test_grouped_layout_is_the_cumulative_row_ends_with_a_tuned_for_count_on_a_ladder():
+    """DeepGEMM's psum layout is exactly the groups' cumulative padded row ends (empty groups
+    repeat the previous end); the tuned-for rows per group cover the mean, stay within a quarter
+    octave (or one 128-row block) of it, grow with it, and take few values over a routing's
+    range, so a run settles on few kernel builds."""
+    sizes = [0, 256, 128, 0, 384, 0]
+    groups = GroupSplits.build(sizes, sum(sizes), DEV)
+    args = deepgemm.grouped_rows_call_args(groups, sum(sizes), len(sizes))
+    layout = args["grouped_layout"]
+    assert layout.dtype == torch.int32 and layout.is_contiguous() and args["use_psum_layout"]
+    assert layout.cpu().tolist() == [0, 256, 384, 384, 768, 768]
+    totals = sorted(set(range(0, 300_000, 997)) | {1, 127, 128, 129, 4096 * 8})
+    for g in (1, 8, 32, 256):
+        tuned = [deepgemm.expected_rows_per_group(total, g) for total in totals]
+        assert tuned == sorted(tuned)
+        for total, e in zip(totals, tuned):
+            mean = -(-max(total, 1) // g)
+            assert e % 128 == 0 and e >= mean and e <= max(mean * 5 // 4, mean + 127, 128), (total, g, e)
+    # one GPU's routing at 4096 tokens x top-8 over 32 experts: the padded total moves over
+    # 32768 .. 32768 + 127 * 32 rows; the tuned-for count takes at most two values there
+    assert len({deepgemm.expected_rows_per_group(32768 + 128 * j, 32) for j in range(32)}) <= 2
+    assert args["expected_m_for_psum_layout"] == deepgemm.expected_rows_per_group(768, 6) == 128
+
+
 @pytest.mark.parametrize("m, k", [(130, 384), (256, 130), (7, 256)])
 def test_mn_major_scales_written_by_the_producers(m, k):
     """Row-wise quantization (plain and with the grouped column-wise output) writes MN-major
@@ -291,6 +315,36 @@ def test_deepgemm_block_never_synchronizes(mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+_BUILD_COUNT_SCRIPT = """
+import os, random, sys, torch
+from megatron_fp8flow import fp8, gemm
+rng = random.Random(7)
+ws = [fp8.quantize_weight(torch.randn(512, 384, device="cuda") * 0.05) for _ in range(8)]
+for step in range(12):  # skewed routings whose padded totals move by up to 127 rows per group
+    sizes = [128 * rng.randint(0, 8) for _ in range(7)]
+    sizes.append(8 * 1024 + 128 * rng.randint(0, 7) - sum(sizes))
+    a = fp8.quantize(torch.randn(sum(sizes), 384, device="cuda").bfloat16())
+    gemm.grouped_rowwise_gemm(a, ws, sizes, backend="deepgemm")
+torch.cuda.synchronize()
+print(len(os.listdir(os.path.join(os.environ["DG_JIT_CACHE_DIR"], "cache"))))
+"""
+
+
+def test_deepgemm_routing_changes_build_few_kernels(tmp_path):
+    """Twelve routings of one GEMM shape, their totals within one step of the ladder, build at
+    most two kernels (each new row count used to be able to pick a new configuration, a JIT
+    build of seconds). Run in a process of its own with an empty kernel cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DG_JIT_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _BUILD_COUNT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.strip().splitlines()[-1]) <= 2, out.stdout
 
 
 for _name in list(globals()):

@@ -49,8 +49,11 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, groups: GroupSplits, engine: st
         return a.new_empty(0, n)
     if engine == "deepgemm":
         out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device=a.device)
-        fn = dg.library().m_grouped_bf16_gemm_nt_contiguous if transpose else dg.library().m_grouped_bf16_gemm_nn_contiguous
-        fn(a, w, out, groups.row_group_index())
+        if transpose:
+            dg.library().m_grouped_bf16_gemm_nt_contiguous(a, w, out, **dg.grouped_rows_call_args(
+                groups, a.shape[0], w.shape[0]))
+        else:  # the NN form takes no tuned-for row count: keep the proven per-row index
+            dg.library().m_grouped_bf16_gemm_nn_contiguous(a, w, out, groups.row_group_index())
         return out
     b = w.transpose(-2, -1) if transpose else w
     return torch._grouped_mm(a, b, offs=groups.row_offsets[1:])

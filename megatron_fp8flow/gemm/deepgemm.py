@@ -6,9 +6,11 @@ activation blocks, 128x128 weight blocks, fp32 promotion every 128 along K. It i
 nvcc >= 12.9 and a C++20 compiler), or upstream's ``install.sh``. Its kernels are compiled on
 first use of each shape (a few seconds each, cached on disk).
 
-* fprop / dgrad: ``m_grouped_fp8_gemm_nt_contiguous`` over the per-row group index
-  (``GroupSplits.row_group_index``), groups padded to the library's contiguous-layout alignment
-  (128 on SM90); B must be K-major, so dgrad takes the exact transposed weight copies.
+* fprop / dgrad: ``m_grouped_fp8_gemm_nt_contiguous`` over the groups' cumulative row ends
+  (the library's "psum" layout, ``GroupSplits.row_offsets[1:]``), groups padded to the library's
+  contiguous-layout alignment (128 on SM90); B must be K-major, so dgrad takes the exact
+  transposed weight copies. The kernel configuration is tuned for
+  :func:`expected_rows_per_group`, not for the exact row count (see there).
   Activation scales are read MN-major and TMA-aligned; row-major ones are converted once per
   operand.
 * wgrad: per-group contiguous column-wise operands (``ColStorage.PER_GROUP``, written so by
@@ -72,6 +74,29 @@ def mn_major_scales(scale: torch.Tensor) -> torch.Tensor:
     return with_row_scale_layout(scale, mn_major=True)
 
 
+def expected_rows_per_group(total_rows: int, num_groups: int) -> int:
+    """The rows per group DeepGEMM tunes an M-grouped kernel for: the mean, rounded up onto a
+    ladder of four steps per octave in multiples of 128.
+
+    DeepGEMM picks block sizes and clusters from the row count and JIT-builds a kernel for each
+    pick (seconds). The exact count moves with the routing every step, so tuning for it costs a
+    build whenever a new count lands on a new pick, well into a run; on the ladder a run settles
+    on one or two picks per GEMM shape. The tuned-for count only steers the choice: every row is
+    computed either way."""
+    mean = -(-max(total_rows, 1) // max(num_groups, 1))
+    if mean <= 128:
+        return 128
+    step = max(128, (1 << (mean.bit_length() - 1)) // 4)
+    return -(-mean // step) * step
+
+
+def grouped_rows_call_args(groups, total_rows: int, num_groups: int) -> dict:
+    """The layout arguments of DeepGEMM's M-grouped contiguous GEMMs: cumulative row ends of
+    the groups (already on the device, no per-row index to build) and the tuned-for row count."""
+    return dict(grouped_layout=groups.row_offsets[1:], use_psum_layout=True,
+                expected_m_for_psum_layout=expected_rows_per_group(total_rows, num_groups))
+
+
 class DeepGemmBackend(GemmBackend):
     name = "deepgemm"
 
@@ -101,7 +126,8 @@ class DeepGemmBackend(GemmBackend):
         d = out if out.dtype == torch.bfloat16 else torch.empty(out.shape, dtype=torch.bfloat16, device=out.device)
         with inside_gemm():
             library().m_grouped_fp8_gemm_nt_contiguous(
-                (a.data, mn_major_scales(a.scale_inv)), (b, b_sf), d, groups.row_group_index())
+                (a.data, mn_major_scales(a.scale_inv)), (b, b_sf), d,
+                **grouped_rows_call_args(groups, a.shape[0], len(weights)))
         if d is not out:
             out.copy_(d)
         return out
