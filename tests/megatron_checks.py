@@ -246,9 +246,13 @@ def compact_loop_resume(rank, world, port, queue):
                             if not a.equal(b)}
 
     compared, differing = differing_tensors(whole_kept, kept)
+    # the routers' token counts are one step's: nothing left over after the last step
+    leftover_counts = float(sum(m.local_tokens_per_expert.sum() for m in whole_kept["model"].modules()
+                                if getattr(m, "local_tokens_per_expert", None) is not None))
     _, repeat_differing = differing_tensors(whole_kept, again_kept)
     queue.put((rank, {"whole": whole, "first": first, "resumed": resumed, "saved": saved, "latest": latest,
                       "compared": compared, "differing": differing, "repeat_differing": repeat_differing,
+                      "leftover_counts": leftover_counts,
                       "refused": refused,
                       "refused_steps": refused_steps}))
 

@@ -229,7 +229,7 @@ def master_weights(params) -> List[torch.Tensor]:
 def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                  on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict],
                  dump: Optional[tuple] = None) -> List[dict]:
-    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias, reset_model_temporary_tensors
 
     from ..megatron.parallel import init_parallel
 
@@ -296,6 +296,9 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
             tokens += ids.numel() * world
         if model.config.moe_router_enable_expert_bias:
             _update_router_expert_bias([model], model.config)
+        # as Megatron's finalize_model_grads: the routers' token counts are one step's (the
+        # expert-bias update reads them), and none are left to a checkpoint, which omits them
+        reset_model_temporary_tensors(model.config, [model])
         norms.append(_sync_and_clip(params, master, args.get("clip_grad"), world))
         opt.step()
         with torch.no_grad():
