@@ -246,6 +246,30 @@ def test_weight_stack_quantize(device, cast_path, layout, transposed):
         fp8.quantize_weights(ws, transposed=transposed, backend="triton", out=(data.transpose(1, 2), scale))
 
 
+@pytest.mark.parametrize("tuning", [(128, 8), (64, 4), (32, 4), (16, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_quantize_strips_give_the_same_bytes(device, cast_path, tuning, transposed):
+    """Every strip height and warp count of the weight kernel (the benchmark sweeps them) writes
+    the reference's codes and scales: partial blocks, a NaN and an Inf (which propagate, and do
+    not enter the block's amax), stride and table paths."""
+    from megatron_fp8flow.kernels.quantize_weight import quantize_weights
+
+    g, n, k = 2, 300, 200
+    src = [(make_activations(n, k, kind="outlier", seed=70 + i) * (i + 1)).bfloat16() for i in range(g)]
+    src[1][5, 7], src[1][140, 3] = float("nan"), float("inf")
+    stacked = torch.stack(src).to(device)
+    for ws in (list(stacked.unbind(0)), [w.to(device) for w in src]):
+        r, c = (k, n) if transposed else (n, k)
+        data = torch.empty(g, r, c, dtype=fp8.FP8_DTYPE, device=device)
+        scale = torch.empty(g, -(-r // 128), -(-c // 128), device=device)
+        quantize_weights(ws, data, scale, True, transposed, tuning=tuning)
+        for i, w in enumerate(src):
+            exp = fp8.quantize_weight(w, backend="reference")
+            exp = exp.t() if transposed else exp
+            got = fp8.BlockwiseFP8Tensor(data[i], scale[i], exp.layout, exp.shape, True)
+            assert_fp8_equal(_cpu_ref(got), exp, f"weight {i}, tuning {tuning}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dequantize_kernel(device, cast_path, dtype):
     x = make_activations(130, 300, kind="wide", seed=6)

@@ -26,7 +26,7 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 def _quantize_weight_kernel(
     w_ptr, table_ptr, q_ptr, s_ptr, N, K, stride_wg, stride_wn, stride_wk, num_nb, num_kb,
     TRANSPOSED: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr, FROM_TABLE: tl.constexpr,
-    W_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr, SUB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -40,41 +40,69 @@ def _quantize_weight_kernel(
         w_ptr += pid_g * stride_wg
     q_ptr += pid_g * N * K
     s_ptr += pid_g * num_nb * num_kb
-    rows = pid_n * 128 + tl.arange(0, 128)
-    cols = pid_k * 128 + tl.arange(0, 128)
-    row_ok = rows < N
-    col_ok = cols < K
-    mask = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols.to(tl.int64)[None, :] * stride_wk,
-                mask=mask, other=0.0)
-    w = w.to(tl.float32)
-    finite = is_finite(w)
-    amax = tl.max(tl.max(tl.where(finite, tl.abs(w), 0.0), axis=1), axis=0)
-    s = scale_inv_from_amax(amax, POW2)
-    v = tl.where(finite, divide_by_scale(w, s, POW2), float("nan"))
+    # The 128x128 block in strips of SUB rows (SUB columns when TRANSPOSED, so that each strip's
+    # transposed store writes whole 128-byte rows): a first pass takes the block's amax, a second
+    # reads the strips again (from L2) to encode them. Strips keep the registers per thread low,
+    # so more blocks are in flight than with the whole block held at once.
     if TRANSPOSED:
-        # Transpose the fp32 values, then encode (the cast is elementwise, so the codes are the
-        # same): tl.trans of an 8-bit tile can corrupt it on Hopper (Triton 3.x).
-        tl.store(q_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :], encode_e4m3(tl.trans(v), EMULATE),
-                 mask=col_ok[:, None] & row_ok[None, :])
+        rows = pid_n * 128 + tl.arange(0, 128)
+        cols0 = pid_k * 128 + tl.arange(0, SUB)
+    else:
+        rows0 = pid_n * 128 + tl.arange(0, SUB)
+        cols = pid_k * 128 + tl.arange(0, 128)
+    amax = 0.0
+    for i in tl.static_range(128 // SUB):
+        if TRANSPOSED:
+            cols = cols0 + i * SUB
+        else:
+            rows = rows0 + i * SUB
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols.to(tl.int64)[None, :] * stride_wk,
+                    mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.max(tl.where(is_finite(w), tl.abs(w), 0.0), axis=1), axis=0))
+    s = scale_inv_from_amax(amax, POW2)
+    for i in tl.static_range(128 // SUB):
+        if TRANSPOSED:
+            cols = cols0 + i * SUB
+        else:
+            rows = rows0 + i * SUB
+        row_ok = rows < N
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols.to(tl.int64)[None, :] * stride_wk,
+                    mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(is_finite(w), divide_by_scale(w, s, POW2), float("nan"))
+        if TRANSPOSED:
+            # Transpose the fp32 values, then encode (the cast is elementwise, so the codes are
+            # the same): tl.trans of an 8-bit tile can corrupt it on Hopper (Triton 3.x).
+            tl.store(q_ptr + cols.to(tl.int64)[:, None] * N + rows[None, :], encode_e4m3(tl.trans(v), EMULATE),
+                     mask=col_ok[:, None] & row_ok[None, :])
+        else:
+            tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
+    if TRANSPOSED:
         tl.store(s_ptr + pid_k * num_nb + pid_n, s)
     else:
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], encode_e4m3(v, EMULATE), mask=mask)
         tl.store(s_ptr + pid_n * num_kb + pid_k, s)
+
+
+# Strip height and warps per block, per direction (docs/results/quantize_weight/ has the sweep).
+TUNING = {False: (128, 8), True: (128, 8)}
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool, transposed: bool,
-            groups: int = 1, stride_g: int = 0, table: Optional[torch.Tensor] = None) -> None:
+            groups: int = 1, stride_g: int = 0, table: Optional[torch.Tensor] = None,
+            tuning: Optional[tuple] = None) -> None:
     n, k = w.shape
     if n and k and groups:
         emulate = needs_emulated_cast(w.device)
+        sub, warps = tuning or TUNING[transposed]
         _quantize_weight_kernel[(cdiv(n, BLOCK), cdiv(k, BLOCK), groups)](
             w, table if table is not None else scale, fp8_view(data, emulate), scale, n, k, stride_g, w.stride(0),
             w.stride(1), cdiv(n, BLOCK), cdiv(k, BLOCK), TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate,
-            FROM_TABLE=table is not None, W_DTYPE=_TL_DTYPES[w.dtype], num_warps=8,
+            FROM_TABLE=table is not None, W_DTYPE=_TL_DTYPES[w.dtype], SUB=sub, num_warps=warps,
         )
 
 
@@ -114,7 +142,7 @@ def uniform_stride(ws) -> Optional[int]:
 
 
 def quantize_weights(ws, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool = True,
-                     transposed: bool = False) -> None:
+                     transposed: bool = False, tuning: Optional[tuple] = None) -> None:
     """Weights ``ws`` (G of one shape [N, K]) into ``data`` [G, N, K] and ``scale`` [G, nN, nK]
     (``transposed``: [G, K, N] and [G, nK, nN]), in one launch: reading the weights at one
     stride when they lie so in one storage (a stacked buffer, Megatron DDP's parameter buffer),
@@ -123,12 +151,12 @@ def quantize_weights(ws, data: torch.Tensor, scale: torch.Tensor, pow2_scales: b
         return
     stride = uniform_stride(ws)
     if stride is not None:
-        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=stride)
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=stride, tuning=tuning)
     elif all(w.stride() == ws[0].stride() and w.dtype == ws[0].dtype for w in ws):
-        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=address_table(ws))
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=address_table(ws), tuning=tuning)
     else:
         for i, w in enumerate(ws):
-            _launch(w, data[i], scale[i], pow2_scales, transposed)
+            _launch(w, data[i], scale[i], pow2_scales, transposed, tuning=tuning)
 
 
 def quantize_weight(w: torch.Tensor, pow2_scales: bool = True, out=None, out_t=None, transpose_only: bool = False):
