@@ -26,16 +26,20 @@ from .fp8_common import divide_by_scale, encode_e4m3, fp8_view, is_finite, needs
 def _quantize_weight_kernel(
     w_ptr, table_ptr, q_ptr, s_ptr, N, K, stride_wg, stride_wn, stride_wk, num_nb, num_kb,
     TRANSPOSED: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr, FROM_TABLE: tl.constexpr,
-    W_DTYPE: tl.constexpr, SUB: tl.constexpr,
+    ALIGNED: tl.constexpr, SUB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Weight g of a stack: its source at w_ptr + g * stride_wg (elements; negative when the
-    # buffer holds the weights in reverse order) or, FROM_TABLE, at the address table_ptr[g]
-    # (weights in allocations of their own); its codes and scales the g-th [N, K] block.
+    # buffer holds the weights in reverse order) or, FROM_TABLE, at w_ptr + table_ptr[g]
+    # (weights in allocations of their own: their element offsets from the first weight); its
+    # codes and scales the g-th [N, K] block.
     pid_g = tl.program_id(2).to(tl.int64)
     if FROM_TABLE:
-        w_ptr = tl.load(table_ptr + pid_g).to(tl.pointer_type(W_DTYPE))
+        offset = tl.load(table_ptr + pid_g)
+        if ALIGNED:  # offsets in multiples of 16 elements: the compiler may then use wide loads
+            offset = tl.multiple_of(offset, 16)
+        w_ptr += offset
     else:
         w_ptr += pid_g * stride_wg
     q_ptr += pid_g * N * K
@@ -86,42 +90,46 @@ def _quantize_weight_kernel(
 
 
 # Strip height and warps per block, per direction (docs/results/quantize_weight/ has the sweep).
-TUNING = {False: (128, 8), True: (128, 8)}
-
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+TUNING = {False: (64, 8), True: (128, 8)}
 
 
 def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scales: bool, transposed: bool,
-            groups: int = 1, stride_g: int = 0, table: Optional[torch.Tensor] = None,
+            groups: int = 1, stride_g: int = 0, table: Optional[tuple] = None,
             tuning: Optional[tuple] = None) -> None:
     n, k = w.shape
     if n and k and groups:
         emulate = needs_emulated_cast(w.device)
         sub, warps = tuning or TUNING[transposed]
         _quantize_weight_kernel[(cdiv(n, BLOCK), cdiv(k, BLOCK), groups)](
-            w, table if table is not None else scale, fp8_view(data, emulate), scale, n, k, stride_g, w.stride(0),
+            w, table[0] if table is not None else scale, fp8_view(data, emulate), scale, n, k, stride_g, w.stride(0),
             w.stride(1), cdiv(n, BLOCK), cdiv(k, BLOCK), TRANSPOSED=transposed, POW2=pow2_scales, EMULATE=emulate,
-            FROM_TABLE=table is not None, W_DTYPE=_TL_DTYPES[w.dtype], SUB=sub, num_warps=warps,
+            FROM_TABLE=table is not None, ALIGNED=table is not None and table[1], SUB=sub, num_warps=warps,
         )
 
 
-_tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_tables: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def address_table(ws) -> torch.Tensor:
-    """The weights' addresses as an int64 tensor on their device, cached by the addresses (the
-    same parameters come back every step): copied once, from pinned memory, without a sync."""
+def offset_table(ws) -> tuple:
+    """(int64 tensor on the weights' device of their element offsets from the first weight,
+    whether every offset is a multiple of 16 elements), cached by the addresses (the same
+    parameters come back every step): copied once, from pinned memory, without a sync."""
     key = (ws[0].device, tuple(w.data_ptr() for w in ws))
-    table = _tables.get(key)
-    if table is None:
-        table = torch.tensor(key[1], dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
-        _tables[key] = table
+    entry = _tables.get(key)
+    if entry is None:
+        size = ws[0].element_size()
+        gaps = [p - key[1][0] for p in key[1]]
+        if any(g % size for g in gaps):
+            raise ValueError("weights of one dtype must lie at whole elements from each other")
+        offsets = [g // size for g in gaps]
+        table = torch.tensor(offsets, dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
+        aligned = ws[0].data_ptr() % 16 == 0 and all(o % 16 == 0 for o in offsets)
+        entry = _tables[key] = (table, aligned)
         if len(_tables) > 256:
             _tables.popitem(last=False)
     else:
         _tables.move_to_end(key)
-    return table
+    return entry
 
 
 def uniform_stride(ws) -> Optional[int]:
@@ -146,14 +154,14 @@ def quantize_weights(ws, data: torch.Tensor, scale: torch.Tensor, pow2_scales: b
     """Weights ``ws`` (G of one shape [N, K]) into ``data`` [G, N, K] and ``scale`` [G, nN, nK]
     (``transposed``: [G, K, N] and [G, nK, nN]), in one launch: reading the weights at one
     stride when they lie so in one storage (a stacked buffer, Megatron DDP's parameter buffer),
-    else through a table of their addresses (weights of one dtype and strides)."""
+    else through a table of their offsets (weights of one dtype and strides)."""
     if not ws:
         return
     stride = uniform_stride(ws)
     if stride is not None:
         _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=stride, tuning=tuning)
     elif all(w.stride() == ws[0].stride() and w.dtype == ws[0].dtype for w in ws):
-        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=address_table(ws), tuning=tuning)
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=offset_table(ws), tuning=tuning)
     else:
         for i, w in enumerate(ws):
             _launch(w, data[i], scale[i], pow2_scales, transposed, tuning=tuning)
