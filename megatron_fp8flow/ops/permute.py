@@ -105,7 +105,9 @@ def plan_permutation(
     if num_out_rows is None:
         num_out_rows = int(offsets[-1].item())  # the one host sync (see module docstring)
     # Position of each copy inside its expert group (token order), and its slot (expert order).
-    pos = torch.cumsum(rm, 0, dtype=torch.int32) - 1
+    # (scanned along the tokens as the rows of the transposed map: a scan along the outer dim
+    # of [N, E] runs one thread per expert on the GPU, slow for thousands of tokens)
+    pos = torch.cumsum(rm.t().contiguous(), 1, dtype=torch.int32).t() - 1
     dest = offsets[:-1][None, :] + pos
     slot = torch.cumsum(rm, 1, dtype=torch.int32) - 1
     slot = torch.where(routing_map, slot, torch.full_like(slot, topk)).long()
