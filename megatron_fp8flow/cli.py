@@ -300,6 +300,9 @@ def _cmd_train(args) -> int:
     overrides = dict(parse_override(kv) for kv in getattr(args, "set", []) or [])
     if args.dry_run and not getattr(args, "megatron", False):
         raise UsageError("--dry-run prints the launch commands of --megatron; add --megatron, or leave it out")
+    if getattr(args, "profile_step", None) and getattr(args, "megatron", False):
+        raise UsageError("--profile-step profiles the compact loop; under --megatron use Megatron's own --profile "
+                         "--profile-step-start/--profile-step-end")
     if getattr(args, "memory_breakdown", False) and getattr(args, "megatron", False):
         raise UsageError("--memory-breakdown records the compact loop's allocations; under --megatron use "
                          "Megatron's own --record-memory-history / --memory-snapshot-path")
@@ -328,8 +331,10 @@ def _cmd_train(args) -> int:
     if dump and any(PRECISION_MODES[c] == "flow" for c in chosen):
         raise UsageError("--dump-experts saves the bf16 tokens the experts see: --compare bf16 or blockwise (a flow "
                          "run's experts take FP8 tokens)")
+    profile_step = getattr(args, "profile_step", None)
     results = compare.run(recipe, chosen, steps=args.steps, overrides=overrides, out_dir=out,
-                          memory_breakdown=getattr(args, "memory_breakdown", False), dump=dump)
+                          memory_breakdown=getattr(args, "memory_breakdown", False), dump=dump,
+                          profile_step=profile_step)
     if results is None:  # not rank 0
         return 0
     print()
@@ -339,6 +344,12 @@ def _cmd_train(args) -> int:
         from .training.memory import render
 
         print("\nGPU memory at each run's peak, by what allocated it:\n" + render(memory))
+    profiles = {p: r["step_profile"] for p, r in results.items() if "step_profile" in r}
+    if profiles:
+        from .training.profile import render as render_profile
+
+        print(f"\nStep {profile_step} by kernel category (device ms; idle: no kernel running):\n"
+              + render_profile(profiles))
     print(f"\nLoss curves: {out}/loss_curves.png; figures: {out}/compare.json")
     return 0
 
@@ -479,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-breakdown", action="store_true",
                    help="record the GPU allocator's history and report each run's memory at its peak by category "
                         "(parameters, main_grad, optimizer, FP8 weights, activations, backward); slows the run")
+    t.add_argument("--profile-step", type=positive_int, metavar="N",
+                   help="profile step N of each run (torch.profiler): device time by kernel category (GEMM, cast, "
+                        "SAT, permutation, attention, optimizer, communication, ...) and idle, into compare.json")
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("compare", help="merge runs made apart (fp8flow train --out DIR, one per precision) into "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end on one Hopper GPU: the whole MoE layer, the DeepSeek-V3 proxy (compact loop), its
 # memory at the peak, Megatron's pretrain(), and test files natively.
-#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [proxy-mbs4] [memory]
+#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [proxy-profile] [proxy-mbs4] [memory]
 #        [pretrain] [tests]
 # megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
 # gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
@@ -60,6 +60,7 @@ text = io.StringIO(); pstats.Stats(prof, stream=text).sort_stats("tottime").prin
 PY
 }
 step_proxy() { proxy proxy; }
+step_proxy_profile() { proxy proxy_profile --profile-step "${PROFILE_STEP:-6}"; }
 step_proxy_mbs4() { proxy proxy_mbs4 --set micro_batch_size=4; }
 step_memory() {
   timeout "${MEMORY_TIMEOUT:-240}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \

@@ -92,6 +92,9 @@ def refused(argv, capsys, *needles) -> str:
     (["train", "proxies/tiny_cpu", "--compare", "bf16,fp9"], ["--compare", "'fp9'", "bf16, blockwise, flow, fp8flow"]),
     (["train", "proxies/tiny_cpu", "--compare", "bf16,bf16"], ["--compare", "twice"]),
     (["train"], ["required: recipe", "fp8flow train --help"]),
+    (["train", "proxies/tiny_cpu", "--profile-step", "0"], ["--profile-step", "0 given", "a positive integer"]),
+    (["train", "proxies/tiny_cpu", "--megatron", "--profile-step", "2"], ["--profile-step", "--megatron",
+                                                                           "--profile-step-start"]),
     (["compare", "/tmp/fp8flow-no-such-dir"], ["/tmp/fp8flow-no-such-dir", "no such directory", "fp8flow train --out"]),
     (["compare", ".", "--window", "0"], ["--window", "0 given", "a positive integer"]),
     (["compare", ".", "--smooth", "-1"], ["--smooth", "-1", "a positive integer"]),
@@ -121,6 +124,13 @@ def test_compare_needs_results(tmp_path, capsys):
     refused(["compare", str(tmp_path / "bad"), str(tmp_path / "empty"), "--labels", "a"], capsys,
             "--labels a", "1 labels for 2 directories")
     assert sorted(os.listdir(tmp_path)) == ["bad", "empty"]  # nothing written
+
+
+@needs_megatron
+def test_profile_step_beyond_the_run_is_refused(tmp_path, capsys, no_training):
+    refused(["train", "proxies/tiny_cpu", "--steps", "4", "--profile-step", "9", "--out", str(tmp_path / "r")], capsys,
+            "--profile-step 9", "4 steps")
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 @needs_megatron

@@ -210,13 +210,16 @@ def test_train_command_compares_precisions(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "megatron_fp8flow.cli", "train", "proxies/tiny_cpu", "--steps", "4", "--compare",
          "bf16,fp8flow", "--set", "log_interval=2", "--set", "seq_length=16", "--set", "max_position_embeddings=16",
-         "--out", str(tmp_path)],
+         "--profile-step", "3", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "Step 3 by kernel category" in out.stdout and "| idle |" in out.stdout
     assert "[bf16] step 2/4" in out.stdout and "[fp8flow] step 4/4" in out.stdout
     assert "| fp8flow | 4 |" in out.stdout
     results = json.loads((tmp_path / "compare.json").read_text())
     assert set(results) == {"bf16", "fp8flow"} and len(results["fp8flow"]["history"]) == 2
+    prof = results["fp8flow"]["step_profile"]
+    assert prof["step"] == 3 and prof["step_ms"] > 0 and "idle" in prof["device_ms_by_category"]
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
     # Megatron's deterministic_mode: deterministic algorithms only (on the CPU some take another
     # summation order, so the losses agree closely, not to the bit).
@@ -229,6 +232,33 @@ def test_train_command_compares_precisions(tmp_path):
     det = json.loads((tmp_path / "det" / "compare.json").read_text())["fp8flow"]["history"]
     assert len(det) == 2 and all(h["loss"] == pytest.approx(r["loss"], rel=1e-4)
                                  for h, r in zip(det, results["fp8flow"]["history"]))
+
+
+def test_step_profile_sorts_device_time_by_category():
+    """The step record from a profiler's kernels: categories (the benchmarks'), idle as the wall
+    time no kernel covered, the top kernels; and its table."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_fp8flow.training import profile
+
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(name=n, device_type=cuda, device_time=us) for n, us in (
+        ("void deep_gemm::sm90_fp8_gemm_1d2d_impl<...>", 4000.0), ("_quantize_weight_kernel", 1500.0),
+        ("_sat_packed_kernel", 500.0), ("flash_fwd_kernel", 700.0), ("multi_tensor_apply_kernel<adam>", 300.0),
+        ("_quantize_weight_kernel", 500.0), ("ncclDevKernel_AllToAll", 250.0), ("mystery", 50.0))]
+    events.append(SimpleNamespace(name="aten::mm", device_type=torch.autograd.DeviceType.CPU, device_time=0.0))
+    rec = profile.summarize(SimpleNamespace(events=lambda: events), wall_ms=9.0, step=5)
+    cats = rec["device_ms_by_category"]
+    assert cats == {"GEMM": 4.0, "cast": 2.0, "attention": 0.7, "SAT": 0.5, "optimizer": 0.3, "communication": 0.25,
+                    "other": 0.05, "idle": 1.2}
+    assert rec["busy_ms"] == 7.8 and rec["step"] == 5 and rec["top_kernels_ms"]["_quantize_weight_kernel"] == 2.0
+    over = profile.summarize(SimpleNamespace(events=lambda: events), wall_ms=5.0, step=5)
+    assert over["device_ms_by_category"]["idle"] == 0.0  # kernels on several streams may overlap the wall time
+    table = profile.render({"bf16": {**rec, "device_ms_by_category": {"GEMM": 6.0, "idle": 0.5}}, "fp8flow": rec})
+    assert table.splitlines()[2] == "| GEMM | 6.00 | 4.00 |" and "| cast | 0.00 | 2.00 |" in table
+    assert table.splitlines()[-2].startswith("| idle |")
 
 
 def test_convergence_criterion_and_merge(tmp_path):

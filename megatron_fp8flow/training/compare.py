@@ -60,7 +60,8 @@ def check_recipes(recipe_name: str, precisions: Sequence[str], steps: Optional[i
 
 def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps: Optional[int] = None,
         overrides: Optional[dict] = None, out_dir: str = "fp8flow_results", echo=print,
-        memory_breakdown: bool = False, dump: Optional[tuple] = None) -> Dict[str, dict]:
+        memory_breakdown: bool = False, dump: Optional[tuple] = None,
+        profile_step: Optional[int] = None) -> Dict[str, dict]:
     """Train the recipe once per precision; under torchrun every rank trains and rank 0 reports
     (returns the results on rank 0, None on the others). Every precision's recipe is loaded and
     checked before the first one trains. Results are never written over: when ``out_dir`` holds
@@ -68,13 +69,19 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
     compare.json: rows.json (one row per run: precision, tokens/s, peak GB) and, with
     ``memory_breakdown`` (GPU), each run's memory at its peak by category (:mod:`.memory`);
     ``dump`` (directory, steps): each run's expert tensors at those steps in directory/PRECISION
-    (:mod:`.dump`)."""
+    (:mod:`.dump`); ``profile_step``: each run's step of that number profiled by kernel category
+    (:mod:`.profile`), under "step_profile"."""
     from .loop import StepLog, train
 
     lead = int(os.environ.get("RANK", 0)) == 0
     if not lead:
         echo = _silent
     recipes = check_recipes(recipe_name, precisions, steps, overrides)
+    for precision, recipe in recipes.items():
+        total = steps if steps is not None else recipe.args.get("train_iters", 100)
+        if profile_step is not None and not 1 <= profile_step <= total:
+            raise UsageError(f"--profile-step {profile_step}: the run has {total} steps (--steps or train_iters); "
+                             "profile one of them, after the first few (kernel builds and autotuning happen there)")
     if lead:
         out_dir, moved = fresh_results_dir(out_dir)
         if moved:
@@ -92,11 +99,15 @@ def run(recipe_name: str, precisions: Sequence[str] = ("bf16", "fp8flow"), steps
 
         memory = {} if memory_breakdown else None
         where = (os.path.join(dump[0], precision), dump[1]) if dump else None
-        history = train(recipe, steps=steps, on_log=progress, memory=memory, dump=where)
+        profiled = {} if profile_step else None
+        history = train(recipe, steps=steps, on_log=progress, memory=memory, dump=where,
+                        profile=(profile_step, profiled) if profile_step else None)
         results[precision] = {"recipe": recipe_name, "precision": precision, "seed": recipe.args.get("seed", 1234),
                               "history": history, "summary": summarize(history), "device": device_description()}
         if memory:
             results[precision]["memory_at_peak"] = memory["breakdown"]
+        if profiled:
+            results[precision]["step_profile"] = profiled["step_profile"]
     if not lead:
         return None
     with open(os.path.join(out_dir, "compare.json"), "w") as fh:

@@ -35,6 +35,7 @@ from ..recipes import Recipe, RecipeError
 from . import checkpoint
 from .dump import ExpertDump
 from .memory import recording
+from .profile import profiled_step
 from .model import build_model
 from .text import ByteBatches, read_indexed_datasets, split_fractions
 
@@ -184,12 +185,14 @@ def _batches(args: dict, micro: int, seed: int) -> ByteBatches:
 
 def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = None,
           on_log: Optional[Callable[[StepLog], None]] = None, keep_model: Optional[dict] = None,
-          memory: Optional[dict] = None, dump: Optional[tuple] = None) -> List[dict]:
+          memory: Optional[dict] = None, dump: Optional[tuple] = None,
+          profile: Optional[tuple] = None) -> List[dict]:
     """Train the recipe's model; returns one record per logged step (``keep_model``: a dict that
     receives the trained model under "model"; ``memory``: a dict that receives the GPU memory at
     its peak by category under "breakdown", see :mod:`.memory`; recording it slows the run, so
     time another; ``dump``: (directory, steps) to save the first MoE layer's expert tensors at,
-    see :mod:`.dump`). ``seed`` (default: the recipe's ``seed``, else
+    see :mod:`.dump`; ``profile``: (step, dict) to profile that step, 1-based, into the
+    dict's "step_profile", see :mod:`.profile`). ``seed`` (default: the recipe's ``seed``, else
     Megatron's default 1234) sets the initial weights and the order of the training text.
 
     With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
@@ -197,21 +200,22 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
     backward ops make two GPU runs of one seed drift apart. (Not yet run on a GPU.)"""
     check_run(recipe, steps)
     if not recipe.args.get("deterministic_mode"):
-        return _train(recipe, steps, seed, on_log, keep_model, memory, dump)
+        return _train(recipe, steps, seed, on_log, keep_model, memory, dump, profile)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(recipe, steps, seed, on_log, keep_model, memory, dump)
+        return _train(recipe, steps, seed, on_log, keep_model, memory, dump, profile)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
 def _train(recipe: Recipe, steps: Optional[int], seed: Optional[int],
            on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict],
-           memory: Optional[dict] = None, dump: Optional[tuple] = None) -> List[dict]:
+           memory: Optional[dict] = None, dump: Optional[tuple] = None,
+           profile: Optional[tuple] = None) -> List[dict]:
     with recording(memory is not None) as recorded:
-        history = _train_steps(recipe, steps, seed, on_log, keep_model, dump)
+        history = _train_steps(recipe, steps, seed, on_log, keep_model, dump, profile)
     if memory is not None:
         memory.update(recorded)
     return history
@@ -228,7 +232,7 @@ def master_weights(params) -> List[torch.Tensor]:
 
 def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                  on_log: Optional[Callable[[StepLog], None]], keep_model: Optional[dict],
-                 dump: Optional[tuple] = None) -> List[dict]:
+                 dump: Optional[tuple] = None, profile: Optional[tuple] = None) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias, reset_model_temporary_tensors
 
     from ..megatron.parallel import init_parallel
@@ -284,26 +288,29 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
         lr = _lr(args, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        main_grads.zero()
-        if dumper:
-            dumper.arm(step + 1)
-        step_loss = torch.zeros((), device=dev)
-        for _ in range(accumulate):
-            ids, labels = (t.to(dev) for t in data.next())
-            loss = model(ids, pos, mask, labels=labels).float().mean() / (accumulate * world)
-            loss.backward()
-            step_loss += loss.detach()
-            tokens += ids.numel() * world
-        if model.config.moe_router_enable_expert_bias:
-            _update_router_expert_bias([model], model.config)
-        # as Megatron's finalize_model_grads: the routers' token counts are one step's (the
-        # expert-bias update reads them), and none are left to a checkpoint, which omits them
-        reset_model_temporary_tensors(model.config, [model])
-        norms.append(_sync_and_clip(params, master, args.get("clip_grad"), world))
-        opt.step()
-        with torch.no_grad():
-            for m, p in zip(master, params):
-                p.copy_(m)
+        with profiled_step(step + 1, *(profile or (None, None))):
+            main_grads.zero()
+            if dumper:
+                dumper.arm(step + 1)
+            step_loss = torch.zeros((), device=dev)
+            for _ in range(accumulate):
+                ids, labels = (t.to(dev) for t in data.next())
+                loss = model(ids, pos, mask, labels=labels).float().mean() / (accumulate * world)
+                loss.backward()
+                step_loss += loss.detach()
+                tokens += ids.numel() * world
+            if model.config.moe_router_enable_expert_bias:
+                _update_router_expert_bias([model], model.config)
+            # as Megatron's finalize_model_grads: the routers' token counts are one step's (the
+            # expert-bias update reads them), and none are left to a checkpoint, which omits them
+            reset_model_temporary_tensors(model.config, [model])
+            norms.append(_sync_and_clip(params, master, args.get("clip_grad"), world))
+            opt.step()
+            with torch.no_grad():
+                for m, p in zip(master, params):
+                    p.copy_(m)
+        if profile and step + 1 == profile[0]:  # the profiler's slower step stays out of tokens/s
+            t0, tokens = time.perf_counter(), 0
         if world > 1:
             dist.all_reduce(step_loss)
         window.append(step_loss)  # read at the next log, not every step (no host sync per step)
