@@ -199,7 +199,7 @@ def test_forward_copies_are_dropped_without_changing_gradients(mode, monkeypatch
 
     def spy(self):
         real_drop(self)
-        dropped.append((self.fc1, self.fc2, sorted(self._layout)))
+        dropped.append((self.fc1, self.fc2, sorted(self._pow2)))
 
     monkeypatch.setattr(experts._FP8Weights, "drop_forward_copies", spy)
     x, probs, dout = _inputs(seed=9)

@@ -88,7 +88,7 @@ def _stand_in_grad(w: torch.Tensor) -> torch.Tensor:
     if getattr(w, "zero_out_wgrad", False):
         return torch.zeros(w.shape, dtype=w.dtype, device=w.device)
     main, nbytes = w.main_grad, w.numel() * w.element_size()
-    if main.is_contiguous() and main.numel() * main.element_size() >= nbytes and nbytes % w.element_size() == 0:
+    if main.is_contiguous() and main.numel() * main.element_size() >= nbytes:
         return main.reshape(-1).view(torch.uint8)[:nbytes].view(w.dtype).view(w.shape)
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
@@ -238,7 +238,7 @@ class _FP8Weights:
         self.fc1, self.fc2 = fc1, fc2
         self._sources = sources or {}  # "fc1"/"fc2" -> the weights the copies were made from
         self._transposed = {}
-        self._layout = {}  # "fc1"/"fc2" -> (shape, scale shape, device, pow2) of dropped forward copies
+        self._pow2 = {}  # "fc1"/"fc2" -> the scale kind of dropped forward copies
 
     def drop_forward_copies(self) -> None:
         """Free the forward copies (fc1/fc2 become None) where the transposed ones can be made
@@ -248,7 +248,7 @@ class _FP8Weights:
         for which in ("fc1", "fc2"):
             ws = getattr(self, which)
             if ws and self._sources.get(which):
-                self._layout[which] = (ws[0].shape, ws[0].scale_inv.shape, ws[0].data.device, ws[0].pow2_scales)
+                self._pow2[which] = ws[0].pow2_scales
                 setattr(self, which, None)
 
     def transposed(self, which: str) -> List[BlockwiseFP8Tensor]:
@@ -260,8 +260,8 @@ class _FP8Weights:
         ws, sources = getattr(self, which), self._sources.get(which)
         if not sources:
             return None
-        if which in self._layout:
-            pow2 = self._layout[which][3]
+        if which in self._pow2:
+            pow2 = self._pow2[which]
         elif ws:
             pow2 = ws[0].pow2_scales
         else:
