@@ -22,6 +22,8 @@ need_deepgemm() {
     export PYTHONPATH="/tmp/dg:${PYTHONPATH:-}"
   fi
   if [ "${DG_PRELOAD_LIBSTDCXX:-0}" = 1 ]; then export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6; fi
+  # DeepGEMM's kernel builds kept in the checkout (ignored by git), so later runs load them
+  export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-$(pwd)/.dgcache}
 }
 
 # gpu_main "DEFAULT STEPS" OUTPUT_DIR [STEP ...]: runs each step, prints its status, and returns

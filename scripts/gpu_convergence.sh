@@ -12,7 +12,6 @@ cli="python3 -m megatron_fp8flow.cli"
 setup() {
   need_megatron
   need_deepgemm || return 1
-  export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-/tmp/dg_jit}
   data=${DATA:-/tmp/fp8flow_data/torch}
   [ -f "$data.idx" ] || $cli data "$data" --corpus python-torch 2>&1 | quiet | tail -1 | tee "$out/data.txt"
 }

@@ -30,7 +30,6 @@ step_breakdown() {
 proxy() {  # NAME [--set KEY=VALUE ...]: DeepGEMM's JIT builds counted from its cache directory
   local name=$1
   shift
-  export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-/tmp/dg_jit}
   timeout "${PROXY_TIMEOUT:-300}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
     --steps "${PROXY_STEPS:-8}" --set log_interval=2 "$@" --out "$out/$name" 2>&1 | quiet | tee "$out/$name.log" \
     | tail -14
