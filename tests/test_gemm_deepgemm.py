@@ -77,7 +77,7 @@ def test_grouped_layout_is_the_cumulative_row_ends_with_a_tuned_for_count_on_a_l
     range, so a run settles on few kernel builds."""
     sizes = [0, 256, 128, 0, 384, 0]
     groups = GroupSplits.build(sizes, sum(sizes), DEV)
-    args = deepgemm.grouped_rows_call_args(groups, sum(sizes), len(sizes))
+    args = deepgemm.grouped_rows_call_args(groups)
     layout = args["grouped_layout"]
     assert layout.dtype == torch.int32 and layout.is_contiguous() and args["use_psum_layout"]
     assert layout.cpu().tolist() == [0, 256, 384, 384, 768, 768]

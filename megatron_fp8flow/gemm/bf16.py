@@ -50,8 +50,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, groups: GroupSplits, engine: st
     if engine == "deepgemm":
         out = torch.empty(a.shape[0], n, dtype=torch.bfloat16, device=a.device)
         if transpose:
-            dg.library().m_grouped_bf16_gemm_nt_contiguous(a, w, out, **dg.grouped_rows_call_args(
-                groups, a.shape[0], w.shape[0]))
+            dg.library().m_grouped_bf16_gemm_nt_contiguous(a, w, out, **dg.grouped_rows_call_args(groups))
         else:  # the NN form takes no tuned-for row count: keep the proven per-row index
             dg.library().m_grouped_bf16_gemm_nn_contiguous(a, w, out, groups.row_group_index())
         return out

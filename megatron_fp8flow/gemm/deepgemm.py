@@ -90,11 +90,11 @@ def expected_rows_per_group(total_rows: int, num_groups: int) -> int:
     return -(-mean // step) * step
 
 
-def grouped_rows_call_args(groups, total_rows: int, num_groups: int) -> dict:
+def grouped_rows_call_args(groups) -> dict:
     """The layout arguments of DeepGEMM's M-grouped contiguous GEMMs: cumulative row ends of
     the groups (already on the device, no per-row index to build) and the tuned-for row count."""
     return dict(grouped_layout=groups.row_offsets[1:], use_psum_layout=True,
-                expected_m_for_psum_layout=expected_rows_per_group(total_rows, num_groups))
+                expected_m_for_psum_layout=expected_rows_per_group(groups.num_rows, groups.num_groups))
 
 
 class DeepGemmBackend(GemmBackend):
@@ -127,7 +127,7 @@ class DeepGemmBackend(GemmBackend):
         with inside_gemm():
             library().m_grouped_fp8_gemm_nt_contiguous(
                 (a.data, mn_major_scales(a.scale_inv)), (b, b_sf), d,
-                **grouped_rows_call_args(groups, a.shape[0], len(weights)))
+                **grouped_rows_call_args(groups))
         if d is not out:
             out.copy_(d)
         return out

@@ -107,29 +107,42 @@ def _launch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, pow2_scale
         )
 
 
-_tables: "OrderedDict[tuple, tuple]" = OrderedDict()
+_plans: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
-def offset_table(ws) -> tuple:
+def _offset_table(ws, ptrs) -> tuple:
     """(int64 tensor on the weights' device of their element offsets from the first weight,
-    whether every offset is a multiple of 16 elements), cached by the addresses (the same
-    parameters come back every step): copied once, from pinned memory, without a sync."""
-    key = (ws[0].device, tuple(w.data_ptr() for w in ws))
-    entry = _tables.get(key)
-    if entry is None:
-        size = ws[0].element_size()
-        gaps = [p - key[1][0] for p in key[1]]
-        if any(g % size for g in gaps):
-            raise ValueError("weights of one dtype must lie at whole elements from each other")
-        offsets = [g // size for g in gaps]
-        table = torch.tensor(offsets, dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
-        aligned = ws[0].data_ptr() % 16 == 0 and all(o % 16 == 0 for o in offsets)
-        entry = _tables[key] = (table, aligned)
-        if len(_tables) > 256:
-            _tables.popitem(last=False)
+    whether every offset is a multiple of 16 elements), copied from pinned memory without a sync."""
+    size = ws[0].element_size()
+    gaps = [p - ptrs[0] for p in ptrs]
+    if any(g % size for g in gaps):
+        raise ValueError("weights of one dtype must lie at whole elements from each other")
+    offsets = [g // size for g in gaps]
+    table = torch.tensor(offsets, dtype=torch.int64, pin_memory=ws[0].is_cuda).to(ws[0].device, non_blocking=True)
+    return table, ptrs[0] % 16 == 0 and all(o % 16 == 0 for o in offsets)
+
+
+def launch_plan(ws) -> tuple:
+    """How one call reads the weights: ("stride", elements) when they lie at one distance in
+    one storage, ("table", offset table) when they share dtype and strides, else ("each", None).
+    Cached by the weights' addresses and strides (the same parameters come back every step)."""
+    ptrs = tuple(w.data_ptr() for w in ws)
+    key = (ws[0].device, ws[0].dtype, tuple(ws[0].shape), ptrs, tuple(w.stride() for w in ws))
+    plan = _plans.get(key)
+    if plan is None:
+        stride = uniform_stride(ws)
+        if stride is not None:
+            plan = ("stride", stride)
+        elif all(w.stride() == ws[0].stride() and w.dtype == ws[0].dtype for w in ws):
+            plan = ("table", _offset_table(ws, ptrs))
+        else:
+            plan = ("each", None)
+        _plans[key] = plan
+        if len(_plans) > 256:
+            _plans.popitem(last=False)
     else:
-        _tables.move_to_end(key)
-    return entry
+        _plans.move_to_end(key)
+    return plan
 
 
 def uniform_stride(ws) -> Optional[int]:
@@ -157,11 +170,11 @@ def quantize_weights(ws, data: torch.Tensor, scale: torch.Tensor, pow2_scales: b
     else through a table of their offsets (weights of one dtype and strides)."""
     if not ws:
         return
-    stride = uniform_stride(ws)
-    if stride is not None:
-        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=stride, tuning=tuning)
-    elif all(w.stride() == ws[0].stride() and w.dtype == ws[0].dtype for w in ws):
-        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=offset_table(ws), tuning=tuning)
+    kind, how = launch_plan(ws)
+    if kind == "stride":
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), stride_g=how, tuning=tuning)
+    elif kind == "table":
+        _launch(ws[0], data, scale, pow2_scales, transposed, groups=len(ws), table=how, tuning=tuning)
     else:
         for i, w in enumerate(ws):
             _launch(w, data[i], scale[i], pow2_scales, transposed, tuning=tuning)
