@@ -321,14 +321,14 @@ def _cmd_train(args) -> int:
     for key in ("fp8flow.mode", "fp8flow.enabled"):  # the compact loop sets both per precision
         if key in overrides:
             raise UsageError(f"--set {key}={as_text(overrides[key])}: the compact loop trains the precisions that --compare "
-                             "names (bf16, blockwise, fp8flow); use --compare instead")
+                             "names (bf16, blockwise, fp8flow, flow_double_quant); use --compare instead")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunched = {"expert_model_parallel_size": nproc, **overrides}
         compare.check_recipes(recipe, chosen, args.steps, relaunched, world=nproc)  # before starting N processes
         return _relaunch_with_torchrun(args.argv, nproc, overrides, _fresh_dir(args.out))
     out = _fresh_dir(args.out)
     dump = (args.dump_experts, args.dump_steps or [1]) if getattr(args, "dump_experts", None) else None
-    if dump and any(PRECISION_MODES[c] == "flow" for c in chosen):
+    if dump and any(PRECISION_MODES[c] in ("flow", "flow_double_quant") for c in chosen):
         raise UsageError("--dump-experts saves the bf16 tokens the experts see: --compare bf16 or blockwise (a flow "
                          "run's experts take FP8 tokens)")
     profile_step = getattr(args, "profile_step", None)

@@ -310,8 +310,10 @@ positive_int = _int_at_least(1, "a positive integer (1, 2, ...)", "positive_int"
 non_negative_int = _int_at_least(0, "an integer >= 0", "non_negative_int")
 
 
-# The precisions the compact loop trains: name -> the plugin's mode.
-PRECISION_MODES = {"bf16": "bf16", "blockwise": "blockwise", "fp8flow": "flow", "flow": "flow"}
+# The precisions the compact loop trains: name -> the plugin's mode (flow_double_quant: the
+# paper's ablation, FP8 tokens with dequantize + requantize in place of the transpose).
+PRECISION_MODES = {"bf16": "bf16", "blockwise": "blockwise", "fp8flow": "flow", "flow": "flow",
+                   "flow_double_quant": "flow_double_quant"}
 
 
 def precisions(text: str) -> list:

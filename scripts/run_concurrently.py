@@ -2,12 +2,14 @@
 
     python3 scripts/run_concurrently.py --deadline SECONDS --log-dir DIR NAME=COMMAND [NAME=COMMAND ...]
 
-Small runs are host-bound: one alone leaves the GPU idle most of the time, so several side by side
+A small model's run leaves the GPU idle between its kernels (host time), so several side by side
 finish sooner than one after another. The commands are listed in priority order. Every
-``--interval`` seconds each log's last ``step N/TOTAL`` gives its rate; when a run would end past
-the deadline, the lowest-priority run still going is stopped (the others speed up), and the rates
-are measured afresh before the next decision. The tokens/s such runs log is their share of the
-GPU, not a speed figure. Prints one line per run at the end: finished, failed or stopped.
+``--interval`` seconds each log's last ``step N/TOTAL`` gives its rate. When a run would end past
+the deadline at its present share of the GPU, the lowest-priority run still going is stopped (the
+others speed up) and the rates are measured afresh before the next decision; a late run that is
+itself the last in line goes on, as the others' ends may speed it up enough. The tokens/s such runs log is their share of the
+GPU, not a speed figure. Prints the runs' progress every ``--window`` seconds and one line per run
+at the end: finished, failed or stopped.
 """
 import argparse
 import os
@@ -38,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--interval", type=float, default=20.0, help="seconds between progress checks")
     ap.add_argument("--window", type=float, default=60.0, help="seconds of progress a rate is measured over")
     ap.add_argument("--margin", type=float, default=1.1, help="projected run time is multiplied by this")
+    ap.add_argument("--warmup", type=float, default=150.0,
+                    help="seconds before the first stop (kernel builds make the first steps slow)")
     ap.add_argument("runs", nargs="+", metavar="NAME=COMMAND")
     args = ap.parse_args(argv)
     runs = []
@@ -57,6 +61,7 @@ def main(argv=None):
                                            start_new_session=True)
         seen[name] = []
     settle_until = start  # after a stop, rates are measured afresh
+    last_report = start
     while True:
         now = time.monotonic()
         alive = [n for n, _ in runs if n not in status]
@@ -78,19 +83,24 @@ def main(argv=None):
                 status[name] = "stopped at the deadline"
                 ended[name] = now
             continue
-        late = []
+        measured = {}
         for name in alive:
             recent = [s for s in seen[name] if s[0] >= max(now - args.window, settle_until)]
             if len(recent) >= 2 and recent[-1][1] > recent[0][1] and now - recent[0][0] >= args.window / 2:
                 rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
-                left = (recent[-1][2] - recent[-1][1]) / rate * args.margin
-                if now + left > end:
-                    late.append((name, left))
-        if late and len(alive) > 1:
-            victim = alive[-1]
+                measured[name] = (recent[-1][2] - recent[-1][1]) / rate  # seconds left at today's share
+        if now - last_report >= args.window:
+            last_report = now
+            print(f"{now - start:4.0f} s: " + ", ".join(
+                f"{n} {seen[n][-1][1] if seen[n] else '-'}" + (f" (~{measured[n]:.0f} s)" if n in measured else "")
+                for n in alive), flush=True)
+        # late: would end past the deadline at today's share (a share only grows as runs end)
+        late = [n for n in alive if n in measured and now + measured[n] * args.margin > end]
+        if now - start >= args.warmup and len(alive) > 1 and any(n != alive[-1] for n in late):
+            victim = alive[-1]  # a late run that is itself the last in line may still finish: it waits
             os.killpg(procs[victim].pid, signal.SIGTERM)
-            status[victim] = "stopped: " + ", ".join(f"{n} needed {s:.0f} s more" for n, s in late) + \
-                f", {end - now:.0f} s were left"
+            status[victim] = "stopped: " + ", ".join(f"{n} needed ~{measured[n]:.0f} s" for n in late) + \
+                f" at its share, {end - now:.0f} s were left"
             ended[victim] = now
             settle_until = now + 5
         time.sleep(args.interval)

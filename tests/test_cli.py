@@ -211,6 +211,17 @@ def test_every_precision_is_checked_before_the_first_trains(no_training):
 
 
 @needs_megatron
+def test_each_precision_trains_its_mode(no_training):
+    """--compare names a precision; the plugin's mode is the one it stands for (the ablation too)."""
+    from megatron_fp8flow.training import compare
+
+    names = ["bf16", "blockwise", "fp8flow", "flow_double_quant"]
+    recipes = compare.check_recipes("proxies/tiny_cpu", names)
+    assert [recipes[n].fp8flow["mode"] for n in names] == ["bf16", "blockwise", "flow", "flow_double_quant"]
+    assert validation.precisions("bf16,flow_double_quant") == ["bf16", "flow_double_quant"]
+
+
+@needs_megatron
 def test_dry_run_needs_megatron_flag(capsys, no_training):
     refused(["train", "proxies/tiny_cpu", "--dry-run"], capsys, "--dry-run", "--megatron")
 

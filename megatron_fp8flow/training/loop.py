@@ -197,7 +197,7 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
 
     With the recipe's ``deterministic_mode`` (Megatron's flag) PyTorch runs deterministic
     algorithms only (an op without one raises, naming itself): without it, atomics in a few
-    backward ops make two GPU runs of one seed drift apart. (Not yet run on a GPU.)"""
+    backward ops make two GPU runs of one seed drift apart."""
     check_run(recipe, steps)
     if not recipe.args.get("deterministic_mode"):
         return _train(recipe, steps, seed, on_log, keep_model, memory, dump, profile)
