@@ -377,6 +377,7 @@ def test_convergence_verdict_from_seeds(tmp_path):
     assert flow["ci95"] == pytest.approx(4.303 * 0.0002 / 3 ** 0.5, rel=1e-4)
     assert block["mean"] == pytest.approx(0.0041, rel=1e-6) and v["flow_vs_blockwise"] == "flow ahead of blockwise"
     assert v["from_step"] == 200 + 20 and v["to_step"] == 400  # the last half of 20 evaluations
+    assert v["resolved"] and "lies inside +-0.25%" in v["resolution"]
     text = verdict.render(v)
     assert "| fp8flow | 3 | +0.050% |" in text and "Verdict: PASS" in text
     verdict.plot(runs, v, str(tmp_path / "a.png"), str(tmp_path / "b.png"))
@@ -386,10 +387,16 @@ def test_convergence_verdict_from_seeds(tmp_path):
     v = verdict.verdict(worse)
     assert v["verdict"] == "fail" and any("outside the bf16 noise floor" in r for r in v["reasons"])
     assert any("exceeds 0.25%" in r for r in v["reasons"])
+    # two seeds far apart: the mean passes, the interval is wider than the limit
+    wide = {**runs, **{f"fp8flow seed {i}": _seeded_run("fp8flow", i, e) for i, e in enumerate((0.0015, -0.0005))}}
+    del wide["fp8flow seed 2"]
+    v = verdict.verdict(wide)
+    assert v["verdict"] == "pass" and not v["resolved"] and "do not show the difference" in v["resolution"]
+    assert "Resolution: fp8flow: its 95% interval [" in verdict.render(v)
     one = {"bf16": _seeded_run("bf16", 1, 0.0), "fp8flow": _seeded_run("fp8flow", 1, 0.0)}
     v = verdict.verdict(one)
     assert v["verdict"] == "fail" and v["noise_floor"] is None and "no noise floor" in v["reasons"][0]
-    assert v["vs_bf16"]["fp8flow"]["ci95"] is None
+    assert v["vs_bf16"]["fp8flow"]["ci95"] is None and not v["resolved"] and "no interval" in v["resolution"]
     with pytest.raises(ValueError, match="needs bf16 runs"):
         verdict.verdict({"fp8flow": _seeded_run("fp8flow", 1, 0.0)})
 

@@ -11,7 +11,10 @@ evaluations) and compared over the last half of training:
 * **pass** when fp8flow's mean difference is inside the noise floor and within ``limit``
   (0.25%); with fewer than two bf16 seeds there is no noise floor and the verdict is "fail",
   saying so;
-* flow against blockwise: "ahead" only when flow's interval lies wholly below blockwise's.
+* flow against blockwise: "ahead" only when flow's interval lies wholly below blockwise's;
+* **resolved**: whether fp8flow's interval lies inside +-``limit``. The pass rule reads the mean;
+  a pass whose interval is wider than the limit says the seeds agree on average, not that they
+  show the difference below the limit (more seeds narrow the interval).
 """
 
 from __future__ import annotations
@@ -108,6 +111,14 @@ def verdict(results: Dict[str, dict], window: int = 3, limit: float = 0.0025) ->
         if not within_limit:
             reasons.append(f"{CANDIDATE}'s mean difference {100 * flow['mean']:+.3f}% exceeds {100 * limit:.2f}%")
         passes = inside_floor and within_limit
+    resolved = (flow is not None and flow["low"] is not None and -limit <= flow["low"] and flow["high"] <= limit)
+    if flow is not None and not resolved:
+        interval = "no interval (one seed)" if flow["low"] is None else \
+            f"its 95% interval [{100 * flow['low']:+.3f}%, {100 * flow['high']:+.3f}%]"
+        resolution = (f"{CANDIDATE}: {interval} is not inside +-{100 * limit:.2f}%; these {flow['seeds']} seed(s) "
+                      "do not show the difference below the limit")
+    else:
+        resolution = None if flow is None else f"{CANDIDATE}'s 95% interval lies inside +-{100 * limit:.2f}%"
     ahead = None
     block = figures.get("blockwise")
     if flow is not None and block is not None:
@@ -120,7 +131,8 @@ def verdict(results: Dict[str, dict], window: int = 3, limit: float = 0.0025) ->
     return {"verdict": "pass" if passes else "fail", "reasons": reasons or ["inside the noise floor and the limit"],
             "limit": limit, "window": window, "evaluations_compared": len(steps) - len(steps) // 2,
             "from_step": steps[len(steps) // 2], "to_step": steps[-1], "noise_floor": floor,
-            "reference_seeds": len(ref), "vs_bf16": figures, "flow_vs_blockwise": ahead}
+            "reference_seeds": len(ref), "vs_bf16": figures, "resolved": resolved, "resolution": resolution,
+            "flow_vs_blockwise": ahead}
 
 
 def _pct(x: Optional[float]) -> str:
@@ -140,6 +152,8 @@ def render(v: dict) -> str:
         seeds = ", ".join(pct(x) for x in f["per_seed"].values())
         lines.append(f"| {precision} | {f['seeds']} | {pct(f['mean'])} | {interval} | {seeds} |")
     lines += ["", f"Verdict: {v['verdict'].upper()} ({'; '.join(v['reasons'])})."]
+    if v.get("resolution"):
+        lines.append(f"Resolution: {v['resolution']}.")
     if v["flow_vs_blockwise"]:
         lines.append(f"Flow against blockwise: {v['flow_vs_blockwise']}.")
     return "\n".join(lines)
