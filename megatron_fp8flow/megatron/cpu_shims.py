@@ -91,6 +91,21 @@ class _NoEvent(_NoStream):
         return True
 
 
+def reseed(seed: int) -> None:
+    """The CPU tracker's states from ``seed``, with the offsets Megatron's
+    model_parallel_cuda_manual_seed gives them on a GPU."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from megatron.core import parallel_state as ps
+
+    tracker = mrandom._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    tracker.add("model-parallel-rng", seed + 2718 + ps.get_tensor_model_parallel_rank())
+    tracker.add("expert-parallel-rng", seed + 1024 + 100 * ps.get_expert_model_parallel_rank()
+                + ps.get_expert_tensor_parallel_rank())
+    tracker.add("data-parallel-rng", seed)
+
+
 def apply(seed: int = 1234) -> None:
     """Patch this process so stock megatron-core runs on the CPU (idempotent)."""
     global _applied
@@ -107,12 +122,9 @@ def apply(seed: int = 1234) -> None:
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None
-    tracker = _CpuRngTracker()
-    tracker.add("model-parallel-rng", seed + 2718)
-    tracker.add("expert-parallel-rng", seed + 1024)
-    tracker.add("data-parallel-rng", seed)
-    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    reseed(seed)
     if getattr(moe_utils, "te_general_gemm", None) is None:  # 0.16 refers to it without defining it
         moe_utils.te_general_gemm = None
     from megatron.core.transformer.moe import token_dispatcher

@@ -23,14 +23,26 @@ def init_parallel(rank: int = 0, world: int = 1, ep: int = 1, port: Optional[int
         dist.init_process_group(backend, rank=rank, world_size=world)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
-    if torch.cuda.is_available():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    else:
+    if not torch.cuda.is_available():
         from . import cpu_shims
 
         cpu_shims.apply()
+    reseed(1234)
+
+
+def reseed(seed: int) -> None:
+    """PyTorch's generators and Megatron's model-parallel RNG states from ``seed``. Megatron
+    initializes the expert (and tensor-parallel) weights under its own states, which a model
+    build moves on: two builds with one seed give the same weights only after this."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from . import cpu_shims
+
+        cpu_shims.reseed(seed)
 
 
 def free_port() -> int:

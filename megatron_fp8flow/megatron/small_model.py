@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .parallel import free_port, init_parallel  # noqa: F401  (init_parallel: callers use it from here too)
+from .parallel import free_port, init_parallel, reseed  # noqa: F401  (init_parallel: callers use it from here too)
 from .settings import FP8FlowSettings
 
 
@@ -86,7 +86,7 @@ def build(cfg, settings: Optional[FP8FlowSettings] = None, shape: SmallMoE = Sma
     """The GPT model; ``settings`` None gives the stock MoE layers."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    torch.manual_seed(seed)
+    reseed(seed)
     layer, mtp = layer_specs(cfg, settings)
     model = GPTModel(cfg, transformer_layer_spec=layer, vocab_size=shape.vocab, max_sequence_length=shape.seq,
                      position_embedding_type="rope", mtp_block_spec=mtp)
