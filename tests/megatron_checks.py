@@ -448,3 +448,23 @@ def expert_parameter_order(rank, world, port, queue):
         "stacked_in_ddp_layout": all(gemm.stacked_view([ddp[p] for p in ws]) is not None for ws in (w[:e], w[e:])),
         "default_order_stacks": any(gemm.stacked_view([plain[p] for p in ws]) is not None for ws in (w[:e], w[e:])),
     }))
+
+
+def same_seed_same_weights(rank, world, port, queue):
+    """Parameters of small-model builds with Megatron initializing its linear layers under its
+    own RNG states (use_cpu_initialization off, as on a GPU): two builds of one seed, and one of
+    another seed."""
+    sm.init_parallel(rank, world, ep=world, port=port)
+    shape = sm.device_shape(num_layers=1, mtp_layers=0)
+    cfg = sm.config(shape)
+    cfg.use_cpu_initialization = False
+
+    def weights(seed):
+        model = sm.build(cfg, FP8FlowSettings(gemm_backend=BACKEND), shape=shape, seed=seed)
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    a, b, c = weights(5), weights(5), weights(6)
+    random = [n for n in a if a[n].std() > 0]  # not the norms' ones or the zero biases
+    queue.put((rank, {"same_seed_equal": all(torch.equal(a[n], b[n]) for n in a),
+                      "random": random,
+                      "other_seed_equal": [n for n in random if torch.equal(a[n], c[n])]}))

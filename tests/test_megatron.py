@@ -214,6 +214,14 @@ def test_one_settings_object_generates_flags_recipe_keys_and_argv():
     assert st.ExpertPrecision is FP8FlowSettings and back.expert_precision() is back
 
 
+def test_builds_of_one_seed_have_the_same_weights():
+    """A seed gives the same weights also where Megatron initializes under its own RNG states (its
+    linear layers and embeddings on a GPU), and another seed other weights."""
+    (r,) = sm.spawn(checks.same_seed_same_weights, 1)
+    assert r["same_seed_equal"] and r["other_seed_equal"] == [], r
+    assert any("experts" in n for n in r["random"]) and any("embedding" in n for n in r["random"]), r["random"]
+
+
 def test_expert_weights_quantized_once_per_step_with_megatron_marks():
     """With cache_fp8_weights the experts quantize their weights once per step, on the first
     microbatch that Megatron's schedules mark (set_is_first_microbatch, which stock Megatron

@@ -235,7 +235,7 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                  dump: Optional[tuple] = None, profile: Optional[tuple] = None) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias, reset_model_temporary_tensors
 
-    from ..megatron.parallel import init_parallel
+    from ..megatron.parallel import init_parallel, reseed
 
     args = recipe.args
     seed = seed if seed is not None else args.get("seed", 1234)
@@ -245,7 +245,7 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(seed)
+    reseed(seed)  # Megatron's RNG states too: on a GPU it initializes the linear layers under them
     settings = _settings(recipe)
     model = build_model(args, settings)
     params = [p for p in model.parameters() if p.requires_grad]
