@@ -36,6 +36,8 @@ gpu_main() {
   local steps=${*:-$defaults} rc=0 step fn step_rc
   mkdir -p "$out"
   export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+  # Triton's compiled kernels kept in the checkout too (ignored by git), like DeepGEMM's builds
+  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(pwd)/.tritoncache}
   if [ "$(type -t setup)" = function ]; then setup || return $?; fi
   for step in $steps; do
     fn="step_${step//-/_}"
