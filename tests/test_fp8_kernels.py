@@ -310,6 +310,33 @@ def test_sat_kernel_paths_on_aligned_groups(device, cast_path, variant, packed):
     assert_bits_equal(scale_t.cpu(), exp.scale_inv.cpu(), "scales")
 
 
+@pytest.mark.parametrize("path, k", [("packed", 256), ("words", 256), ("bytes", 250)])
+def test_sat_tile_scale_ignores_all_zero_rows(device, cast_path, path, k):
+    """A zero row (its blocks' placeholder scale is 1) must not set a tile's scale: the other
+    rows' codes and the scales come out as with that row holding tiny values instead (far below
+    the others, so never a tile's largest scale). With the placeholder counted, every other row
+    of the tile shifted towards zero: on real output gradients, whose padding rows are zero,
+    that was a 60% error."""
+    from megatron_fp8flow.kernels.scaling_aware_transpose import scaling_aware_transpose as sat_kernel
+
+    splits, rows = [144, 112], [5, 130, 200]
+    x = make_activations(sum(splits), k, kind="heavy", seed=41).float()
+    outs = []
+    for fill in (0.0, 1e-30):
+        src = x.clone()
+        src[rows] = fill
+        q = fp8.quantize(src.to(device), backend="triton")
+        groups = fp8.GroupSplits.build(splits, q.shape[0], q.device)
+        data_t, scale_t = sat_kernel(q.data, q.scale_inv, groups, tile_scale=True, packed=path == "packed")
+        exp = _sat_expected(q, splits, "tile")
+        assert_bits_equal(data_t.cpu(), exp.data.cpu(), "data")
+        assert_bits_equal(scale_t.cpu(), exp.scale_inv.cpu(), "scales")
+        outs.append((codes(data_t).cpu(), scale_t.cpu()))
+    keep = [i for i in range(sum(splits)) if i not in rows]
+    assert_bits_equal(outs[0][0][:, keep], outs[1][0][:, keep], "the other rows' codes")
+    assert_bits_equal(outs[0][1], outs[1][1], "tile scales")
+
+
 def test_colwise_non_contiguous_bf16_input(device, cast_path):
     """A row-strided bf16 view (as a slice of a wider buffer) goes through the word kernel."""
     base = make_activations(200, 640, kind="heavy", seed=31, dtype=torch.bfloat16).to(device)

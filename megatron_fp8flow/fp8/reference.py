@@ -217,11 +217,23 @@ def dequantize_tensor(t: BlockwiseFP8Tensor, dtype=torch.float32) -> torch.Tenso
     return dequantize_weight(t.data, t.scale_inv, dtype)
 
 
+def _holds_finite_nonzero(data: torch.Tensor, nbk: int) -> torch.Tensor:
+    """[r, K] E4M3 codes -> [r, nbk]: whether each 1x128 block holds a finite non-zero code."""
+    mag = data.view(torch.uint8) & 0x7F
+    hit = (mag != 0) & (mag != 0x7F)
+    r, k = hit.shape
+    padded = torch.zeros(r, nbk * BLOCK, dtype=torch.bool, device=data.device)
+    padded[:, :k] = hit
+    return padded.view(r, nbk, BLOCK).any(dim=2)
+
+
 def sat_tile(data: torch.Tensor, scale_inv: torch.Tensor, m_splits: Sequence[int]):
     """Scaling-aware transpose with the tile-max scale (the paper's reference behaviour).
 
     For each 128-row block of a group and each 128-column block, ``S`` is the largest of the
-    block's row scales that is finite and positive (1 when there is none), and every element
+    block's row scales that is finite and positive and whose 1x128 block holds a finite non-zero
+    code (1 when there is none: an all-zero block's placeholder scale, 1, must not set the tile's
+    scale, or a zero row, a padding row among them, would flush every other row), and every element
     is re-encoded as ``RNE_e4m3(q * (s_row / S))`` (an exact power-of-two factor, so only
     values that fall into the subnormal range round). Elements whose row scale is not finite,
     and NaN codes, become NaN. ``S`` is repeated over the 128 columns of its tile in the
@@ -235,7 +247,7 @@ def sat_tile(data: torch.Tensor, scale_inv: torch.Tensor, m_splits: Sequence[int
         for b0 in range(0, mg, BLOCK):
             rows = slice(start + b0, start + min(b0 + BLOCK, mg))
             s = scale_inv[rows].float()  # [r, nbk]
-            usable = torch.isfinite(s) & (s > 0)
+            usable = torch.isfinite(s) & (s > 0) & _holds_finite_nonzero(data[rows], s.shape[1])
             smax = torch.where(usable, s, torch.zeros_like(s)).amax(dim=0)
             smax = torch.where(smax > 0, smax, torch.full_like(smax, ZERO_BLOCK_SCALE))
             ratio = (s / smax).repeat_interleave(BLOCK, dim=1)[:, :k]

@@ -13,7 +13,8 @@ near 2^-126). No BF16 tensor is ever written.
 
 ``column`` variant: ``S`` is the power-of-two scale of the exact column amax, so the output is
 bit-identical to ``quantize_colwise(dequantize(q))``. ``tile`` variant: ``S`` is the largest
-usable row scale of the 128x128 tile (the paper's choice). References:
+usable row scale of the 128x128 tile (the paper's choice), counting only rows whose 1x128 block
+holds a finite non-zero code. References:
 ``fp8.reference.quantize_colwise`` composed with dequantization, and ``fp8.reference.sat_tile``.
 """
 
@@ -41,12 +42,26 @@ from .fp8_common import (
 
 
 @triton.jit
-def _sat_plane(qf, s, row_ok, C: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr):
-    """[C, 128] decoded codes in output orientation, [128] row scales -> (codes, [C] scales)."""
+def _holds_finite_nonzero(words):
+    """[R, W] int32 words of 4 E4M3 codes each -> [R]: whether a row holds a finite non-zero
+    code (the tile scale ignores the placeholder scale of all-zero blocks)."""
+    m0 = words & 0x7F
+    m1 = (words >> 8) & 0x7F
+    m2 = (words >> 16) & 0x7F
+    m3 = (words >> 24) & 0x7F
+    hit = (((m0 != 0) & (m0 != 0x7F)) | ((m1 != 0) & (m1 != 0x7F)) | ((m2 != 0) & (m2 != 0x7F))
+           | ((m3 != 0) & (m3 != 0x7F)))
+    return tl.max(hit.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _sat_plane(qf, s, row_ok, tile_ok, C: tl.constexpr, TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr):
+    """[C, 128] decoded codes in output orientation, [128] row scales -> (codes, [C] scales).
+    ``tile_ok``: the rows whose block holds a finite non-zero code (read by the tile scale only)."""
     x = qf * s[None, :]  # exact dequantized values
     finite = is_finite(x) & row_ok[None, :]
     if TILE_SCALE:
-        s_max = tl.max(tl.where(is_finite(s) & row_ok, s, 0.0), axis=0)
+        s_max = tl.max(tl.where(is_finite(s) & row_ok & tile_ok, s, 0.0), axis=0)
         scale = tl.where(s_max > 0, s_max, 1.0) + tl.zeros([C], dtype=tl.float32)
     else:
         amax = tl.max(tl.where(finite, tl.abs(x), 0.0), axis=1)
@@ -86,6 +101,7 @@ def _sat_words_kernel(
         a = tl.load(q32_ptr + rows64[:, None] * K4 + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0)
         s = tl.load(s_ptr + rows64 * stride_sm + ((kc * BLOCK_K) // 128) * stride_sk,
                     mask=tl.where(chunk_ok, row_ok, False), other=0.0)
+        tile_ok = _holds_finite_nonzero(a)
         t = tl.trans(a)  # [WB, 128] words, output orientation
         for j in tl.static_range(4):
             byte = ((t >> (8 * j)) & 0xFF).to(tl.uint8)
@@ -93,7 +109,7 @@ def _sat_words_kernel(
                 qf = decode_e4m3(byte, EMULATE)
             else:
                 qf = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            codes, scale = _sat_plane(qf, s, row_ok, WB, TILE_SCALE, EMULATE)
+            codes, scale = _sat_plane(qf, s, row_ok, tile_ok, WB, TILE_SCALE, EMULATE)
             k = kc * BLOCK_K + 4 * wl + j
             tl.store(qt_ptr + out_base + k.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
                      mask=w_ok[:, None] & row_ok[None, :])
@@ -101,9 +117,10 @@ def _sat_words_kernel(
 
 
 @triton.jit
-def _sat_plane_x4(q0, q1, q2, q3, s0, s1, s2, s3, ok0, ok1, ok2, ok3, WB: tl.constexpr,
+def _sat_plane_x4(q0, q1, q2, q3, s0, s1, s2, s3, ok0, ok1, ok2, ok3, t0, t1, t2, t3, WB: tl.constexpr,
                   TILE_SCALE: tl.constexpr, EMULATE: tl.constexpr):
-    """Like _sat_plane for 4 interleaved row sets (row 4g + i in q_i [32, WB]): packed codes."""
+    """Like _sat_plane for 4 interleaved row sets (row 4g + i in q_i [32, WB]): packed codes.
+    ``t0``..``t3``: each set's rows whose block holds a finite non-zero code."""
     x0 = q0 * s0[:, None]
     x1 = q1 * s1[:, None]
     x2 = q2 * s2[:, None]
@@ -113,8 +130,8 @@ def _sat_plane_x4(q0, q1, q2, q3, s0, s1, s2, s3, ok0, ok1, ok2, ok3, WB: tl.con
     f2 = is_finite(x2) & ok2[:, None]
     f3 = is_finite(x3) & ok3[:, None]
     if TILE_SCALE:
-        m01 = tl.maximum(tl.where(is_finite(s0) & ok0, s0, 0.0), tl.where(is_finite(s1) & ok1, s1, 0.0))
-        m23 = tl.maximum(tl.where(is_finite(s2) & ok2, s2, 0.0), tl.where(is_finite(s3) & ok3, s3, 0.0))
+        m01 = tl.maximum(tl.where(is_finite(s0) & ok0 & t0, s0, 0.0), tl.where(is_finite(s1) & ok1 & t1, s1, 0.0))
+        m23 = tl.maximum(tl.where(is_finite(s2) & ok2 & t2, s2, 0.0), tl.where(is_finite(s3) & ok3 & t3, s3, 0.0))
         s_max = tl.max(tl.maximum(m01, m23), axis=0)
         scale = tl.where(s_max > 0, s_max, 1.0) + tl.zeros([WB], dtype=tl.float32)
     else:
@@ -178,11 +195,13 @@ def _sat_packed_kernel(
     ld4 = out_ld // 4
     base4 = out_base // 4
     out_g = row_start // 4 + g
+    t0, t1 = _holds_finite_nonzero(a0), _holds_finite_nonzero(a1)
+    t2, t3 = _holds_finite_nonzero(a2), _holds_finite_nonzero(a3)
     for j in tl.static_range(4):
         word, scale = _sat_plane_x4(
             _decode_byte(a0, j, EMULATE), _decode_byte(a1, j, EMULATE),
             _decode_byte(a2, j, EMULATE), _decode_byte(a3, j, EMULATE),
-            s0, s1, s2, s3, ok0, ok1, ok2, ok3, WB, TILE_SCALE, EMULATE,
+            s0, s1, s2, s3, ok0, ok1, ok2, ok3, t0, t1, t2, t3, WB, TILE_SCALE, EMULATE,
         )
         k = pid_k * BLOCK_K + 4 * tl.arange(0, WB) + j
         tl.store(qt32_ptr + base4 + k.to(tl.int64)[:, None] * ld4 + out_g[None, :], tl.trans(word),
@@ -212,7 +231,9 @@ def _sat_bytes_kernel(
     # One row scale per row: BLOCK_K never straddles a 128-column scale block.
     s = tl.load(s_ptr + rows64 * stride_sm + ((pid_k * BLOCK_K) // 128) * stride_sk, mask=row_ok, other=0.0)
     # Decode, then transpose the fp32 values: tl.trans of an 8-bit tile can corrupt it on Hopper.
-    codes, scale = _sat_plane(tl.trans(decode_e4m3(q, EMULATE)), s, row_ok, BLOCK_K, TILE_SCALE, EMULATE)
+    qf = decode_e4m3(q, EMULATE)
+    tile_ok = tl.max(tl.where(col_ok[None, :] & is_finite(qf) & (qf != 0), 1, 0), axis=1) > 0
+    codes, scale = _sat_plane(tl.trans(qf), s, row_ok, tile_ok, BLOCK_K, TILE_SCALE, EMULATE)
     tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
              mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + bid.to(tl.int64) * K + cols, scale, mask=tl.where(nrows > 0, col_ok, False))
@@ -241,6 +262,8 @@ def scaling_aware_transpose(
     """
     if block_k not in (32, 64, 128):
         raise ValueError(f"block_k must be 32, 64 or 128, got {block_k}")
+    if tile_scale:
+        block_k = 128  # a program sees whole 1x128 blocks: the tile scale asks which hold a code
     m, k = data.shape
     dev = data.device
     data_t = torch.empty(k * m if per_group else (k, m), dtype=FP8_DTYPE, device=dev)
