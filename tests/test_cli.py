@@ -89,7 +89,8 @@ def refused(argv, capsys, *needles) -> str:
     (["demo", "--steps", "0"], ["--steps", "0 given", "a positive integer"]),  # ran 200 steps before
     (["train", "proxies/tiny_cpu", "--steps", "-3"], ["--steps", "-3", "a positive integer"]),
     (["train", "proxies/tiny_cpu", "--nproc", "0"], ["--nproc", "0 given", "a positive integer"]),
-    (["train", "proxies/tiny_cpu", "--compare", "bf16,fp9"], ["--compare", "'fp9'", "bf16, blockwise, flow, flow_double_quant, fp8flow"]),
+    (["train", "proxies/tiny_cpu", "--compare", "bf16,fp9"],
+     ["--compare", "'fp9'", "bf16, blockwise, flow, flow_double_quant, fp8flow"]),
     (["train", "proxies/tiny_cpu", "--compare", "bf16,bf16"], ["--compare", "twice"]),
     (["train"], ["required: recipe", "fp8flow train --help"]),
     (["train", "proxies/tiny_cpu", "--profile-step", "0"], ["--profile-step", "0 given", "a positive integer"]),
