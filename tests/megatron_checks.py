@@ -6,18 +6,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_fp8flow.megatron import FP8FlowSettings
 from megatron_fp8flow.megatron import small_model as sm
+from megatron_fp8flow.megatron.parallel import enable_deterministic_algorithms
 
 
 BACKEND = "auto" if torch.cuda.is_available() else "emulated"  # cuBLAS on the GPU
-
-
-def _deterministic():
-    """Deterministic algorithms only, for checks that compare two GPU runs' bits: without it a few
-    backward ops' atomics make two builds of one seed differ in the last bits."""
-    import os
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
 
 
 def _grads(model):
@@ -273,7 +265,7 @@ def fp8_weights_once_per_step(rank, world, port, queue):
     uncached run's bits."""
     from megatron_fp8flow.moe import experts as mx
 
-    _deterministic()
+    enable_deterministic_algorithms()  # the check compares two GPU runs' bits
     sm.init_parallel(rank, world, ep=world, port=port)
     calls = []
     original = mx._quantize_weights
@@ -313,7 +305,7 @@ def main_grad_contract(rank, world, port, modes, queue):
     and over two microbatches."""
     from megatron_fp8flow.megatron.main_grad import MainGrads, expert_weight_runs
 
-    _deterministic()
+    enable_deterministic_algorithms()  # the check compares two GPU runs' bits
     sm.init_parallel(rank, world, ep=world, port=port)
     shape = sm.device_shape(num_layers=1, mtp_layers=0)
     cfg = sm.config(shape)

@@ -219,8 +219,8 @@ def dequantize_tensor(t: BlockwiseFP8Tensor, dtype=torch.float32) -> torch.Tenso
 
 def _holds_finite_nonzero(data: torch.Tensor, nbk: int) -> torch.Tensor:
     """[r, K] E4M3 codes -> [r, nbk]: whether each 1x128 block holds a finite non-zero code."""
-    mag = data.view(torch.uint8) & 0x7F
-    hit = (mag != 0) & (mag != 0x7F)
+    mag = data.view(torch.uint8) & 0x7F  # sign dropped: NaN is NAN_CODE either way
+    hit = (mag != 0) & (mag != NAN_CODE)
     r, k = hit.shape
     padded = torch.zeros(r, nbk * BLOCK, dtype=torch.bool, device=data.device)
     padded[:, :k] = hit

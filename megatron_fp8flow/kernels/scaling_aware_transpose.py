@@ -101,7 +101,10 @@ def _sat_words_kernel(
         a = tl.load(q32_ptr + rows64[:, None] * K4 + w[None, :], mask=row_ok[:, None] & w_ok[None, :], other=0)
         s = tl.load(s_ptr + rows64 * stride_sm + ((kc * BLOCK_K) // 128) * stride_sk,
                     mask=tl.where(chunk_ok, row_ok, False), other=0.0)
-        tile_ok = _holds_finite_nonzero(a)
+        if TILE_SCALE:
+            tile_ok = _holds_finite_nonzero(a)
+        else:
+            tile_ok = row_ok
         t = tl.trans(a)  # [WB, 128] words, output orientation
         for j in tl.static_range(4):
             byte = ((t >> (8 * j)) & 0xFF).to(tl.uint8)
@@ -195,8 +198,11 @@ def _sat_packed_kernel(
     ld4 = out_ld // 4
     base4 = out_base // 4
     out_g = row_start // 4 + g
-    t0, t1 = _holds_finite_nonzero(a0), _holds_finite_nonzero(a1)
-    t2, t3 = _holds_finite_nonzero(a2), _holds_finite_nonzero(a3)
+    if TILE_SCALE:
+        t0, t1 = _holds_finite_nonzero(a0), _holds_finite_nonzero(a1)
+        t2, t3 = _holds_finite_nonzero(a2), _holds_finite_nonzero(a3)
+    else:
+        t0, t1, t2, t3 = ok0, ok1, ok2, ok3
     for j in tl.static_range(4):
         word, scale = _sat_plane_x4(
             _decode_byte(a0, j, EMULATE), _decode_byte(a1, j, EMULATE),
@@ -232,7 +238,10 @@ def _sat_bytes_kernel(
     s = tl.load(s_ptr + rows64 * stride_sm + ((pid_k * BLOCK_K) // 128) * stride_sk, mask=row_ok, other=0.0)
     # Decode, then transpose the fp32 values: tl.trans of an 8-bit tile can corrupt it on Hopper.
     qf = decode_e4m3(q, EMULATE)
-    tile_ok = tl.max(tl.where(col_ok[None, :] & is_finite(qf) & (qf != 0), 1, 0), axis=1) > 0
+    if TILE_SCALE:
+        tile_ok = tl.max(tl.where(col_ok[None, :] & is_finite(qf) & (qf != 0), 1, 0), axis=1) > 0
+    else:
+        tile_ok = row_ok
     codes, scale = _sat_plane(tl.trans(qf), s, row_ok, tile_ok, BLOCK_K, TILE_SCALE, EMULATE)
     tl.store(qt_ptr + out_base + cols.to(tl.int64)[:, None] * out_ld + rows[None, :], codes,
              mask=col_ok[:, None] & row_ok[None, :])

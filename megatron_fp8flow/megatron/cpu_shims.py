@@ -106,7 +106,7 @@ def reseed(seed: int) -> None:
     tracker.add("data-parallel-rng", seed)
 
 
-def apply(seed: int = 1234) -> None:
+def apply() -> None:
     """Patch this process so stock megatron-core runs on the CPU (idempotent)."""
     global _applied
     if torch.cuda.is_available():
@@ -122,9 +122,8 @@ def apply(seed: int = 1234) -> None:
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None
-    mrandom._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()  # seeded by reseed (parallel.init_parallel)
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    reseed(seed)
     if getattr(moe_utils, "te_general_gemm", None) is None:  # 0.16 refers to it without defining it
         moe_utils.te_general_gemm = None
     from megatron.core.transformer.moe import token_dispatcher

@@ -45,6 +45,15 @@ def reseed(seed: int) -> None:
         cpu_shims.reseed(seed)
 
 
+def enable_deterministic_algorithms() -> bool:
+    """PyTorch's deterministic algorithms only (an op without one raises, naming itself), with
+    cuBLAS's condition for them; returns the previous setting, to restore."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    return previous
+
+
 def free_port() -> int:
     """A free local TCP port."""
     import socket

@@ -201,9 +201,9 @@ def train(recipe: Recipe, steps: Optional[int] = None, seed: Optional[int] = Non
     check_run(recipe, steps)
     if not recipe.args.get("deterministic_mode"):
         return _train(recipe, steps, seed, on_log, keep_model, memory, dump, profile)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    from ..megatron.parallel import enable_deterministic_algorithms
+
+    previous = enable_deterministic_algorithms()
     try:
         return _train(recipe, steps, seed, on_log, keep_model, memory, dump, profile)
     finally:

@@ -111,14 +111,15 @@ def verdict(results: Dict[str, dict], window: int = 3, limit: float = 0.0025) ->
         if not within_limit:
             reasons.append(f"{CANDIDATE}'s mean difference {100 * flow['mean']:+.3f}% exceeds {100 * limit:.2f}%")
         passes = inside_floor and within_limit
-    resolved = (flow is not None and flow["low"] is not None and -limit <= flow["low"] and flow["high"] <= limit)
-    if flow is not None and not resolved:
-        interval = "no interval (one seed)" if flow["low"] is None else \
-            f"its 95% interval [{100 * flow['low']:+.3f}%, {100 * flow['high']:+.3f}%]"
+    resolved = flow is not None and flow["low"] is not None and -limit <= flow["low"] and flow["high"] <= limit
+    resolution = None
+    if resolved:
+        resolution = f"{CANDIDATE}'s 95% interval lies inside +-{100 * limit:.2f}%"
+    elif flow is not None:
+        interval = ("no interval (one seed)" if flow["low"] is None
+                    else f"its 95% interval [{100 * flow['low']:+.3f}%, {100 * flow['high']:+.3f}%]")
         resolution = (f"{CANDIDATE}: {interval} is not inside +-{100 * limit:.2f}%; these {flow['seeds']} seed(s) "
                       "do not show the difference below the limit")
-    else:
-        resolution = None if flow is None else f"{CANDIDATE}'s 95% interval lies inside +-{100 * limit:.2f}%"
     ahead = None
     block = figures.get("blockwise")
     if flow is not None and block is not None:
