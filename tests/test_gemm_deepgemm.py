@@ -264,6 +264,31 @@ def test_deepgemm_wgrad_candidates_match_emulation(routing, method):
             assert torch.count_nonzero(once[i]) == 0
 
 
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_deepgemm_bf16_wgrad_accumulates_with_empty_experts(routing):
+    """bf16 mode's k-grouped wgrad on DeepGEMM, empty experts included, against torch's grouped
+    GEMM: the same fp32 products in another order (relative 1e-3); an empty expert's main_grad
+    keeps its bits."""
+    from megatron_fp8flow.gemm import bf16 as bf16_gemm
+
+    sizes = ROUTINGS[routing]
+    m, n, k = sum(sizes), 256, 384
+    g = make_activations(m, n, seed=21, device=DEV).bfloat16()
+    x = make_activations(m, k, "outlier", seed=22, device=DEV).bfloat16()
+    groups = GroupSplits.build(sizes, m, DEV)
+    like = [torch.empty(n, k, dtype=torch.bfloat16, device=DEV)] * len(sizes)
+    start = torch.randn(len(sizes), n, k, device=DEV)
+    got, want = start.clone(), start.clone()
+    bf16_gemm.grouped_wgrad(g, x, groups, "deepgemm", list(got.unbind(0)), like)
+    bf16_gemm.grouped_wgrad(g, x, groups, "torch", list(want.unbind(0)), like)
+    for i, rows in enumerate(sizes):
+        if rows:
+            delta, ref = got[i] - start[i], want[i] - start[i]
+            assert float(torch.linalg.norm(delta - ref) / torch.linalg.norm(ref)) < 1e-3
+        else:
+            assert torch.equal(got[i], start[i])
+
+
 @pytest.mark.parametrize("mode", ["blockwise", "flow_double_quant", "flow"])
 def test_deepgemm_block_matches_emulated_and_accumulates_main_grad(mode):
     """The whole block on DeepGEMM against the emulation (only accumulation order differs); with
@@ -332,19 +357,60 @@ print(len(os.listdir(os.path.join(os.environ["DG_JIT_CACHE_DIR"], "cache"))))
 """
 
 
-def test_deepgemm_routing_changes_build_few_kernels(tmp_path):
-    """Twelve routings of one GEMM shape, their totals within one step of the ladder, build at
-    most two kernels (each new row count used to be able to pick a new configuration, a JIT
-    build of seconds). Run in a process of its own with an empty kernel cache."""
+_WGRAD_BUILD_COUNT_SCRIPT = """
+import os, random, torch
+from megatron_fp8flow import fp8
+from megatron_fp8flow.fp8.format import GroupSplits
+from megatron_fp8flow.gemm import bf16 as bf16_gemm, deepgemm
+rng = random.Random(8)
+n, k, experts = 512, 384, 8
+fp8_main = torch.zeros(experts, n, k, device="cuda")
+bf16_main = torch.zeros(experts, n, k, device="cuda")
+like = [torch.empty(n, k, dtype=torch.bfloat16, device="cuda")] * experts
+backend = deepgemm.DeepGemmBackend(wgrad_method="k_grouped")
+for step in range(12):  # routings with a different set of empty experts each time
+    sizes = [128 * rng.choice([0, 0, 1, 2, 3, 5]) for _ in range(experts)]
+    sizes[rng.randrange(experts)] += 128
+    m = sum(sizes)
+    g = torch.randn(m, n, device="cuda").bfloat16()
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    gc, xc = (fp8.scaling_aware_transpose(fp8.quantize(t), sizes, storage="per_group") for t in (g, x))
+    backend.wgrad(gc, xc, gc.groups, list(fp8_main.unbind(0)), torch.float32)
+    bf16_gemm.grouped_wgrad(g, x, GroupSplits.build(sizes, m, "cuda"), "deepgemm", list(bf16_main.unbind(0)), like)
+torch.cuda.synchronize()
+names = os.listdir(os.path.join(os.environ["DG_JIT_CACHE_DIR"], "cache"))
+print(sum(name.startswith("sm90_fp8_gemm_1d1d") for name in names),
+      sum(name.startswith("sm90_bf16_k_grouped_gemm") for name in names))
+"""
+
+
+def _kernel_builds(script, tmp_path):
+    """What ``script`` prints last, run in a process of its own with an empty kernel cache."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, DG_JIT_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", _BUILD_COUNT_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert int(out.stdout.strip().splitlines()[-1]) <= 2, out.stdout
+    return [int(v) for v in out.stdout.strip().splitlines()[-1].split()]
+
+
+def test_deepgemm_routing_changes_build_few_kernels(tmp_path):
+    """Twelve routings of one GEMM shape, their totals within one step of the ladder, build at
+    most two kernels (each new row count used to be able to pick a new configuration, a JIT
+    build of seconds)."""
+    (builds,) = _kernel_builds(_BUILD_COUNT_SCRIPT, tmp_path)
+    assert builds <= 2
+
+
+def test_deepgemm_wgrad_empty_experts_build_few_kernels(tmp_path):
+    """Twelve routings of one shape, each with other experts empty, through both k-grouped
+    wgrads (FP8 and bf16): every launch covers all experts, so the group count compiled into the
+    kernel stays one; only the tuning for the longest group may pick another configuration
+    (launching over the runs of non-empty experts built a kernel per run length)."""
+    fp8_builds, bf16_builds = _kernel_builds(_WGRAD_BUILD_COUNT_SCRIPT, tmp_path)
+    assert fp8_builds <= 3 and bf16_builds <= 3, (fp8_builds, bf16_builds)
 
 
 for _name in list(globals()):

@@ -63,7 +63,8 @@ def grouped_wgrad(g: torch.Tensor, x: torch.Tensor, groups: GroupSplits, engine:
     """dW[e] = g[e]^T @ x[e] for every expert: added into fp32 ``accumulate_into`` buffers, or
     written once in the dtype of ``like`` (empty groups give zeros / leave the buffers)."""
     sizes = groups.host_sizes()
-    if accumulate_into is not None and engine == "deepgemm" and all(sizes):  # empty groups: torch
+    # DeepGEMM's kernel skips empty groups, leaving their buffers as they were
+    if accumulate_into is not None and engine == "deepgemm" and any(sizes):
         d = stacked_view(list(accumulate_into))
         if d is not None:
             ks_dev = groups.sizes_device

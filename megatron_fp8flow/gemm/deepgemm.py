@@ -171,36 +171,22 @@ class DeepGemmBackend(GemmBackend):
         return [b.to(out_dtype) for b in bufs]
 
     def _k_grouped(self, grad_col, x_col, bounds, bufs, n, k):
-        """One launch per run of non-empty groups (usually one), in place: c is d."""
-        lib = library()
+        """One launch over every group, in place (c is d). Empty groups go in too: the kernel
+        skips a group of no rows and leaves its buffer as it was. The group count is compiled
+        into the kernel, so launching over runs of non-empty groups instead would build a new
+        kernel for every run length the routing produces."""
+        if not any(rows for _, rows, _, _ in bounds):
+            return
+        d = stacked_view(bufs)
+        if d is None:
+            raise ValueError("the k-grouped wgrad accumulates into one [G, N, K] buffer; these are separate "
+                             "(use wgrad_method='dense')")
         total_blocks = sum(nb for _, _, _, nb in bounds)
-        g_sf = grad_col.scale_inv[:total_blocks]
-        x_sf = x_col.scale_inv[:total_blocks]
-        runs, cur = [], []
-        for i, b in enumerate(bounds):
-            if b[1]:
-                cur.append(i)
-            elif cur:
-                runs.append(cur)
-                cur = []
-        if cur:
-            runs.append(cur)
-        for run in runs:
-            first, last = bounds[run[0]], bounds[run[-1]]
-            r0, r1 = first[0], last[0] + last[1]
-            s0, s1 = first[2], last[2] + last[3]
-            ks = [bounds[i][1] for i in run]
-            d = stacked_view([bufs[i] for i in run])
-            if d is None:
-                raise ValueError("the k-grouped wgrad accumulates into one [G, N, K] buffer; these are separate "
-                                 "(use wgrad_method='dense')")
-            if len(run) == len(bounds):  # every group non-empty: the sizes are on the device already
-                ks_dev = x_col.groups.sizes_device
-            else:
-                ks_dev = torch.tensor(ks, dtype=torch.int32, pin_memory=True).to(d.device, non_blocking=True)
-            lib.k_grouped_fp8_gemm_nt_contiguous(
-                (grad_col.data[n * r0: n * r1], g_sf[s0:s1].t()), (x_col.data[k * r0: k * r1], x_sf[s0:s1].t()),
-                d, ks, ks_dev, c=d)
+        ks = [rows for _, rows, _, _ in bounds]
+        library().k_grouped_fp8_gemm_nt_contiguous(
+            (grad_col.data[: n * sum(ks)], grad_col.scale_inv[:total_blocks].t()),
+            (x_col.data[: k * sum(ks)], x_col.scale_inv[:total_blocks].t()),
+            d, ks, x_col.groups.sizes_device, c=d)
 
     def _dense(self, grad_col, x_col, bounds, bufs):
         """One 1D1D GEMM per group, in place. The reduction length is the group's row count,
