@@ -12,8 +12,7 @@ setup() {
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 }
 step_tests() {
-  timeout "${TESTS_TIMEOUT:-3000}" python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.log" | tail -25
-  return "${PIPESTATUS[0]}"
+  gpu_pytest "${TESTS_TIMEOUT:-3000}" "$out/pytest.log" tests
 }
 step_sat() { $cli bench sat --out "$out" 2>&1 | tee "$out/bench_sat.log"; return "${PIPESTATUS[0]}"; }
 step_sat_sweep() { $cli bench sat --sweep --out "$out" 2>&1 | tee "$out/bench_sat.log"; return "${PIPESTATUS[0]}"; }

@@ -26,6 +26,17 @@ need_deepgemm() {
   export DG_JIT_CACHE_DIR=${DG_JIT_CACHE_DIR:-$(pwd)/.dgcache}
 }
 
+# gpu_pytest SECONDS LOG PYTEST_ARGS...: pytest, one line per test as it finishes, into LOG (and its
+# last lines to the console). At the limit it gets SIGINT, not SIGKILL, so it still prints which
+# tests passed, failed or never ran; returns pytest's status.
+gpu_pytest() {
+  local limit=$1 log=$2
+  shift 2
+  timeout -s INT -k 30 "$limit" python3 -m pytest -v -p no:cacheprovider -rfEs --tb=short "$@" 2>&1 | tee "$log" \
+    | grep -v "PASSED\|^\s*$" | tail -n 30
+  return "${PIPESTATUS[0]}"
+}
+
 # gpu_main "DEFAULT STEPS" OUTPUT_DIR [STEP ...]: runs each step, prints its status, and returns
 # non-zero when any step failed. Sets $out for the steps.
 gpu_main() {

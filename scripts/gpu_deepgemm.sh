@@ -14,8 +14,7 @@ setup() {
 
 step_tests() {
   # shellcheck disable=SC2086
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gemm_deepgemm.py \
-    tests/test_gemm.py} 2>&1 | tail -n 25
+  gpu_pytest "${TESTS_TIMEOUT:-300}" "$out/pytest.log" ${TEST_FILES:-tests/test_gemm_deepgemm.py tests/test_gemm.py}
 }
 
 step_gemm() {

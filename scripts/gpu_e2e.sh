@@ -79,13 +79,11 @@ step_pretrain() {
   return $rc
 }
 step_kernel_tests() {
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kernels.py -k "weight" 2>&1 | tail -n 3
+  gpu_pytest 150 "$out/pytest_kernels.log" tests/test_fp8_kernels.py -k "weight"
 }
 step_tests() {
   # shellcheck disable=SC2086
-  timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rs ${TEST_FILES:-tests/test_megatron.py} 2>&1 \
-    | tee "$out/pytest.log" | tail -n 30
-  return "${PIPESTATUS[0]}"
+  gpu_pytest "${TESTS_TIMEOUT:-400}" "$out/pytest.log" ${TEST_FILES:-tests/test_megatron.py}
 }
 
 gpu_main "layer breakdown proxy memory" "$@"

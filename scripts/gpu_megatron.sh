@@ -11,8 +11,7 @@ setup() {
   python3 -c "import megatron.core, torch; print('megatron-core', megatron.core.__version__, 'torch', torch.__version__, 'gpus', torch.cuda.device_count())" | tee "$out/env.txt"
 }
 step_tests() {
-  timeout 420 python3 -m pytest tests/test_megatron.py -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest_megatron.log" | tail -15
-  return "${PIPESTATUS[0]}"
+  gpu_pytest 420 "$out/pytest_megatron.log" tests/test_megatron.py
 }
 step_audit() {
   timeout 200 python3 -m megatron_fp8flow.cli audit --ep 2 --json "$out/audit.json" 2>&1 | quiet | tee "$out/audit.log" | tail -12
