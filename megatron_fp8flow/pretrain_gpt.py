@@ -192,7 +192,10 @@ def main(argv=None) -> None:
     _training()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    from .megatron import optimizer
     from .megatron.args import add_fp8flow_args
+
+    optimizer.install()  # torch's fused Adam where Megatron falls back to torch's optimizers
 
     compat.run_pretrain(datasets_provider, model_provider, forward_step, extra_args_provider=add_fp8flow_args,
                         check_args=check_layout)
