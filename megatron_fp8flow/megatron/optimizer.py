@@ -26,7 +26,7 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def torch_adams(optimizer) -> Iterator[torch.optim.Optimizer]:
     """The torch Adam/AdamW optimizers inside Megatron's wrappers (a chained optimizer's parts,
     a mixed-precision or distributed optimizer's ``optimizer``) or ``optimizer`` itself."""
-    if isinstance(optimizer, torch.optim.Adam):  # torch's AdamW derives from Adam
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW derives from Adam only from torch 2.6
         yield optimizer
         return
     for part in getattr(optimizer, "chained_optimizers", None) or ():
