@@ -114,6 +114,37 @@ def test_spec_rewrite_and_install():
     assert spec_builds(get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is MoELayer
 
 
+def test_spec_builds_reads_every_spec_form():
+    """ModuleSpec (a class or an import path), a partial of a class (0.18) or of a classmethod
+    (0.19's dense MLP: partial(MLP.as_mlp_submodule, ...)); None where nothing builds a class."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_fp8flow.megatron.compat import spec_builds
+
+    class Built:
+        @classmethod
+        def make(cls, **kwargs):
+            return cls()
+
+        @staticmethod
+        def helper():
+            return None
+
+    assert spec_builds(ModuleSpec(module=MoELayer)) is MoELayer
+    assert spec_builds(ModuleSpec(module=("megatron.core.transformer.mlp", "MLP"))) is MLP
+    assert spec_builds(functools.partial(Built, submodules=None)) is Built
+    assert spec_builds(functools.partial(Built.make, submodules=None)) is Built
+    assert spec_builds(functools.partial(Built().make)) is Built  # bound through an instance: still the class
+    assert spec_builds(functools.partial(Built.helper)) is None
+    assert spec_builds(functools.partial(len)) is None
+    assert spec_builds(ModuleSpec(module=len)) is None
+    assert spec_builds(None) is None and spec_builds(MLP) is None
+
+
 def test_flags_and_settings():
     seen = []
 

@@ -68,7 +68,8 @@ def local_expert_mlp_submodules():
 
 def spec_builds(spec: Any) -> Optional[type]:
     """The class a layer spec builds: a ``ModuleSpec`` (every version) or, from 0.18, a
-    ``functools.partial`` of the class; None for anything else."""
+    ``functools.partial`` of the class or of one of its classmethods (0.19's dense MLP spec is
+    ``partial(MLP.as_mlp_submodule, ...)``); None for anything else."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if isinstance(spec, ModuleSpec):
@@ -76,8 +77,12 @@ def spec_builds(spec: Any) -> Optional[type]:
         if isinstance(module, tuple):  # (import path, name)
             module = getattr(importlib.import_module(module[0]), module[1])
         return module if isinstance(module, type) else None
-    if isinstance(spec, functools.partial) and isinstance(spec.func, type):
-        return spec.func
+    if isinstance(spec, functools.partial):
+        if isinstance(spec.func, type):
+            return spec.func
+        owner = getattr(spec.func, "__self__", None)  # a classmethod bound to its class
+        if isinstance(owner, type):
+            return owner
     return None
 
 
