@@ -354,6 +354,117 @@ def test_memory_breakdown_replays_to_the_peak():
     assert "| **peak allocated** | 0.00 |" in memory.render({"flow": out})
 
 
+def test_memory_breakdown_sorts_long_lived_blocks_by_their_storage():
+    """Under Megatron's pretrain() the parameter and gradient buffers are allocated in DDP's
+    constructor and the optimizer state in its first step: blocks still alive at the snapshot
+    are sorted by the storage they lie in, not by their frames; a block freed after the peak
+    (its address may hold something else by then) by its frames. Megatron's own function names
+    (get_model, train_step, forward_step, backward_step, megatron/core/optimizer) are known."""
+    from megatron_fp8flow.training import memory
+
+    def frames(*names, file="training.py"):
+        return [{"name": n, "filename": file, "line": 7} for n in names]
+
+    ddp = frames("__init__", "get_model", file="param_and_grad_buffer.py")
+    trace = [
+        {"action": "alloc", "addr": 1000, "size": 200, "frames": ddp},  # DDP's parameter buffer
+        {"action": "alloc", "addr": 2000, "size": 400, "frames": ddp},  # DDP's gradient buffer
+        {"action": "alloc", "addr": 3000, "size": 800, "frames": frames("step", "train_step")},  # Adam's state
+        {"action": "alloc", "addr": 4000, "size": 60, "frames": frames("forward", "forward_step", "train_step")},
+        {"action": "alloc", "addr": 5000, "size": 30, "frames": frames("backward_step", "train_step")},
+        {"action": "alloc", "addr": 6000, "size": 11, "frames": frames("step", "train_step",
+                                                                        file="megatron/core/optimizer/distrib_optimizer.py")},
+        {"action": "alloc", "addr": 7000, "size": 5, "frames": frames("quantize_expert_weights", "forward", "train_step")},
+        {"action": "free_requested", "addr": 4000, "size": 60},
+        {"action": "alloc", "addr": 4000, "size": 20, "frames": frames("forward", "forward_step", "train_step")},
+    ]
+    ranges = [(1000, 1200, "parameters"), (2000, 2400, "main_grad"), (3000, 3800, "optimizer"),
+              (4000, 4100, "optimizer")]  # 4000 held the peak's activation, freed and reused since
+    snapshot = {"device_traces": [trace], "segments": [
+        {"device": 0, "blocks": [{"size": 200, "state": "active_allocated"}, {"size": 400, "state": "active_allocated"},
+                                 {"size": 800, "state": "active_allocated"}, {"size": 30, "state": "inactive"}]}]}
+    out = memory.peak_breakdown(snapshot, ranges=ranges)
+    gb = {k: round(v * 1e9) for k, v in out["by_category_gb"].items()}
+    assert gb == {"parameters": 200, "main_grad": 400, "optimizer": 811, "fp8_weights": 5, "activations": 60,
+                  "backward": 30, "other": 0}
+    assert round(out["peak_gb"] * 1e9) == sum(gb.values())
+    assert out["peak_allocation"]["category"] == "fp8_weights" and out["complete"] is True
+    assert out["peak_allocation"]["frames"][0] == "training.py:7 quantize_expert_weights"
+    # without the ranges the frames decide: DDP's buffers count as built with the model
+    gb = {k: round(v * 1e9) for k, v in memory.peak_breakdown(snapshot)["by_category_gb"].items()}
+    assert gb["parameters"] == 600 and gb["main_grad"] == 0 and gb["optimizer"] == 11 and gb["other"] == 800
+    # a history that lost its first events (the allocator keeps a bounded number) says so
+    cut = {**snapshot, "device_traces": [trace[2:]]}
+    assert memory.peak_breakdown(cut)["complete"] is False
+
+
+def test_tensor_ranges_cover_parameters_main_grad_and_optimizer_state():
+    """The storages tensor_ranges reports: each parameter's whole storage (one buffer where
+    DDP keeps them), main_grad, and the master weights and Adam state inside Megatron-like
+    wrappers (a chained optimizer of mixed-precision ones); a storage is listed once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_fp8flow.training import memory
+
+    buffer = torch.zeros(30)
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(buffer[:10])
+    model.b = torch.nn.Parameter(buffer[10:])
+    for p in (model.a, model.b):
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+    master = [model.a.detach().double().clone().requires_grad_(True)]
+    master[0].grad = torch.ones_like(master[0])
+    adam = torch.optim.Adam(master)
+    adam.step()
+    wrapped = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=adam)])
+    ranges = memory.tensor_ranges([model], wrapped, device_type="cpu")
+    kinds = [(end - start, what) for start, end, what in ranges]
+    assert kinds[0] == (120, "parameters") and kinds[1:3] == [(40, "main_grad"), (80, "main_grad")]
+    state = adam.state[master[0]]
+    assert sorted(kinds[3:]) == sorted([(80, "optimizer")] + [(t.untyped_storage().nbytes(), "optimizer")
+                                                              for t in state.values() if t.untyped_storage().nbytes()])
+    assert memory.tensor_ranges([model], wrapped) == []  # only storages of the device the snapshot is of
+
+
+def test_pretrain_recorder_writes_once_after_its_step(monkeypatch, tmp_path):
+    """The pretrain() recorder starts the allocator history, wraps the optimizer's step once,
+    and after step N writes the breakdown (never over an existing file) and stops recording."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_fp8flow.training import memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1500)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: calls.append(k.get("enabled", "on")))
+    trace = [{"action": "alloc", "addr": 1, "size": 1000, "frames": [{"name": "get_model", "filename": "t.py"}]}]
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: {"device_traces": [trace]})
+    path = tmp_path / "memory.json"
+    rec = memory.PretrainRecorder(str(path), step=2)
+    rec.start()
+    rec.start()  # once
+    steps = []
+    opt = SimpleNamespace(step=lambda: steps.append(1) or (True, 1.0, 0))
+    rec.optimizer_built(opt, [])
+    rec.optimizer_built(opt, [])  # one wrapper
+    assert opt.step() == (True, 1.0, 0) and not path.exists()
+    opt.step()
+    opt.step()
+    assert len(steps) == 3 and calls == ["on", None]
+    data = json.loads(path.read_text())
+    assert data["step"] == 2 and data["by_category_gb"]["parameters"] == 1e-6 and data["max_allocated_gb"] == 1.5e-6
+    with pytest.raises(FileExistsError, match="not written over"):
+        memory._write_json(str(path), {})
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        memory.PretrainRecorder(str(path), step=0)
+
+
 def _seeded_run(precision, seed, offset, steps=400, every=20):
     """A run whose validation loss is a decaying curve times (1 + offset)."""
     hist = [{"step": s, "loss": 9.0, "lr": 1e-3, "tokens_per_s": 1.0, "peak_mem_gb": 1.0, "grad_norm": 1.0,

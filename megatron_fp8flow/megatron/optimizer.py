@@ -23,17 +23,26 @@ logger = logging.getLogger(__name__)
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def torch_adams(optimizer) -> Iterator[torch.optim.Optimizer]:
-    """The torch Adam/AdamW optimizers inside Megatron's wrappers (a chained optimizer's parts,
-    a mixed-precision or distributed optimizer's ``optimizer``) or ``optimizer`` itself."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW derives from Adam only from torch 2.6
+def torch_optimizers(optimizer) -> Iterator[torch.optim.Optimizer]:
+    """The torch optimizers inside Megatron's wrappers (a chained optimizer's parts, a
+    mixed-precision or distributed optimizer's ``optimizer``), or ``optimizer`` itself."""
+    if optimizer is None:
+        return
+    if isinstance(optimizer, torch.optim.Optimizer):
         yield optimizer
         return
     for part in getattr(optimizer, "chained_optimizers", None) or ():
-        yield from torch_adams(part)
+        yield from torch_optimizers(part)
     inner = getattr(optimizer, "optimizer", None)
     if inner is not None and inner is not optimizer:
-        yield from torch_adams(inner)
+        yield from torch_optimizers(inner)
+
+
+def torch_adams(optimizer) -> Iterator[torch.optim.Optimizer]:
+    """The torch Adam/AdamW optimizers among :func:`torch_optimizers`."""
+    for opt in torch_optimizers(optimizer):
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW derives from Adam only from torch 2.6
+            yield opt
 
 
 def _fused_devices() -> tuple:
