@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 from dataclasses import asdict
+from typing import Optional
 
 from .validation import (PRECISION_MODES, UsageError, as_text, fresh_results_dir, int_at_least, labels,
                          non_negative_int, positive_int, precisions, step_list, writable_file)
@@ -263,10 +264,12 @@ def _relaunch_with_torchrun(argv: list, nproc: int, overrides: dict, out: str) -
 
 
 def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, dry_run: bool,
-                     steps=None) -> int:
+                     steps=None, memory_dir: Optional[str] = None) -> int:
     """``fp8flow train --megatron``: Megatron's pretrain() through megatron_fp8flow.pretrain_gpt,
     one launch per precision (fp8flow: the recipe's mode; bf16/blockwise: that plugin mode).
-    Every launch command is built (and its recipe checked) before the first one starts."""
+    Every launch command is built (and its recipe checked) before the first one starts. With
+    ``memory_dir`` each launch writes its memory breakdown there (``memory_at_peak_PRECISION.json``)
+    and the breakdowns are printed side by side at the end."""
     import subprocess
 
     from .pretrain_gpt import launch_command
@@ -280,7 +283,10 @@ def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, 
         mode = {"fp8flow": {}}.get(precision, {"fp8flow.mode": PRECISION_MODES[precision]})
         recipe = per_precision_dirs(load_recipe(recipe_name, {**overrides, "fp8flow.enabled": True, **mode}),
                                     precision)
-        commands.append(launch_command(recipe, nproc))
+        cmd = launch_command(recipe, nproc)
+        if memory_dir is not None:
+            cmd += ["--fp8flow-memory-breakdown", os.path.join(memory_dir, f"memory_at_peak_{precision}.json")]
+        commands.append(cmd)
     if not dry_run:
         _need_module("megatron.training", "--megatron", "megatron.training (Megatron's pretrain())",
                      "install megatron-core>=0.19, whose wheel ships it, or put a Megatron-LM checkout on PYTHONPATH; "
@@ -291,6 +297,21 @@ def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, 
             rc = subprocess.call(cmd)
             if rc:
                 return rc
+    if memory_dir is not None:
+        from .training.memory import render
+
+        found = {p: os.path.join(memory_dir, f"memory_at_peak_{p}.json") for p in precisions}
+        breakdowns = {}
+        for p, path in found.items():
+            if os.path.exists(path):
+                with open(path) as fh:
+                    breakdowns[p] = json.load(fh)
+        if breakdowns:
+            print("\nGPU memory at each run's peak (first rank), by what holds it:\n" + render(breakdowns))
+        missing = sorted(set(found) - set(breakdowns))
+        if missing:
+            print(f"no memory breakdown from {', '.join(missing)} (the run ended before its breakdown step; "
+                  "see --fp8flow-memory-breakdown-step)")
     return 0
 
 
@@ -303,9 +324,6 @@ def _cmd_train(args) -> int:
     if getattr(args, "profile_step", None) and getattr(args, "megatron", False):
         raise UsageError("--profile-step profiles the compact loop; under --megatron use Megatron's own --profile "
                          "--profile-step-start/--profile-step-end")
-    if getattr(args, "memory_breakdown", False) and getattr(args, "megatron", False):
-        raise UsageError("--memory-breakdown records the compact loop's allocations; under --megatron use "
-                         "Megatron's own --record-memory-history / --memory-snapshot-path")
     _need_megatron(args.command)
     from .training import compare
 
@@ -317,7 +335,8 @@ def _cmd_train(args) -> int:
             args.steps = compare.DEMO_GPU_STEPS
     nproc = getattr(args, "nproc", 1) or 1
     if getattr(args, "megatron", False):
-        return _launch_megatron(recipe, chosen, overrides, nproc, args.dry_run, args.steps)
+        memory_dir = _fresh_dir(args.out) if getattr(args, "memory_breakdown", False) else None
+        return _launch_megatron(recipe, chosen, overrides, nproc, args.dry_run, args.steps, memory_dir)
     for key in ("fp8flow.mode", "fp8flow.enabled"):  # the compact loop sets both per precision
         if key in overrides:
             raise UsageError(f"--set {key}={as_text(overrides[key])}: the compact loop trains the precisions that --compare "
@@ -489,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dump-steps", type=step_list, metavar="N,N,...", help="steps to dump (default: 1)")
     t.add_argument("--memory-breakdown", action="store_true",
                    help="record the GPU allocator's history and report each run's memory at its peak by category "
-                        "(parameters, main_grad, optimizer, FP8 weights, activations, backward); slows the run")
+                        "(parameters, main_grad, optimizer, FP8 weights, activations, backward); slows the run "
+                        "(under --megatron only its first iterations, into --out)")
     t.add_argument("--profile-step", type=positive_int, metavar="N",
                    help="profile step N of each run (torch.profiler): device time by kernel category (GEMM, cast, "
                         "SAT, permutation, attention, optimizer, communication, ...) and idle, into compare.json")

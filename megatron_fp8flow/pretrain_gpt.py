@@ -19,7 +19,10 @@ data parallelism as Megatron provides them. Other layouts get a clear error.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import os
 import sys
 from functools import partial
 from typing import Optional
@@ -60,6 +63,76 @@ def check_layout(args) -> None:
                          "; for other layouts patch Megatron-LM's own pretrain_gpt.py (fp8flow patch)")
 
 
+def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The plugin's flags and this launcher's own (Megatron's ``extra_args_provider``)."""
+    from .megatron.args import add_fp8flow_args
+
+    parser = add_fp8flow_args(parser)
+    group = parser.add_argument_group("megatron-fp8flow launcher")
+    group.add_argument("--fp8flow-memory-breakdown", metavar="JSON", default=None,
+                       help="record the GPU allocator's history from the model's construction to the end of "
+                       "--fp8flow-memory-breakdown-step and write the memory at its peak by category (parameters, "
+                       "main_grad, optimizer state, FP8 weights, activations, backward) to this new file")
+    group.add_argument("--fp8flow-memory-breakdown-step", type=int, default=3, metavar="N",
+                       help="the last iteration the breakdown records (>= 2: the first allocates the optimizer state)")
+    return parser
+
+
+def check_args(args) -> None:
+    """The launcher's checks of the parsed arguments, before any work starts."""
+    check_layout(args)
+    path = getattr(args, "fp8flow_memory_breakdown", None)
+    if path is None:
+        return
+    step, iters = getattr(args, "fp8flow_memory_breakdown_step", 3), getattr(args, "train_iters", None)
+    if step < 1 or (iters is not None and step > iters):
+        raise ValueError(f"--fp8flow-memory-breakdown-step {step}: must be between 1 and --train-iters ({iters})")
+    if os.path.exists(path):
+        raise ValueError(f"--fp8flow-memory-breakdown {path}: the file exists; name a new one (results are never "
+                         "written over)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.access(parent, os.W_OK):
+        raise ValueError(f"--fp8flow-memory-breakdown {path}: cannot write into {parent}")
+
+
+_memory_recorder = None  # the PretrainRecorder of --fp8flow-memory-breakdown, made on the first model build
+
+
+def _record_memory(args) -> None:
+    """Start the allocator history before the first model is built; the optimizer Megatron
+    builds next finishes it (see :func:`_install_optimizer_hook`)."""
+    global _memory_recorder
+    if not getattr(args, "fp8flow_memory_breakdown", None) or _memory_recorder is not None:
+        return
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # the first rank's memory; the others do not pay for the recording
+    from .training.memory import PretrainRecorder
+
+    _memory_recorder = PretrainRecorder(args.fp8flow_memory_breakdown, args.fp8flow_memory_breakdown_step)
+    _memory_recorder.start()
+
+
+def _install_optimizer_hook(training_module=None) -> bool:
+    """Hand the optimizer ``pretrain()`` builds (and the model chunks it is for) to the memory
+    recorder, when one records; idempotent like the plugin's other wraps."""
+    if training_module is None:
+        import megatron.training.training as training_module
+    build = training_module.get_megatron_optimizer
+    if getattr(build, "_fp8flow_memory", False):
+        return False
+
+    @functools.wraps(build)
+    def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+        optimizer = build(config, model_chunks, *args, **kwargs)
+        if _memory_recorder is not None:
+            _memory_recorder.optimizer_built(optimizer, model_chunks)
+        return optimizer
+
+    get_megatron_optimizer._fp8flow_memory = True
+    training_module.get_megatron_optimizer = get_megatron_optimizer
+    return True
+
+
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
                    config=None, pg_collection=None):
     """GPTModel of the parsed arguments, with the plugin's MoE layers under --moe-fp8-flow."""
@@ -71,7 +144,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     from .megatron.spec import gpt_model_specs
 
     args = get_args()
-    check_layout(args)  # before 0.19 pretrain() parses the arguments itself: checked here
+    check_args(args)  # before 0.19 pretrain() parses the arguments itself: checked here
+    _record_memory(args)
     if config is None:
         config = core_transformer_config_from_args(args)
     use_te = getattr(args, "transformer_impl", "local") == "transformer_engine" and compat.have_transformer_engine()
@@ -193,12 +267,12 @@ def main(argv=None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     from .megatron import optimizer
-    from .megatron.args import add_fp8flow_args
 
     optimizer.install()  # torch's fused Adam where Megatron falls back to torch's optimizers
+    _install_optimizer_hook()
 
-    compat.run_pretrain(datasets_provider, model_provider, forward_step, extra_args_provider=add_fp8flow_args,
-                        check_args=check_layout)
+    compat.run_pretrain(datasets_provider, model_provider, forward_step, extra_args_provider=add_launcher_args,
+                        check_args=check_args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # End to end on one Hopper GPU: the whole MoE layer, the DeepSeek-V3 proxy (compact loop), its
 # memory at the peak, Megatron's pretrain(), and test files natively.
 #   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [proxy-profile] [proxy-mbs4] [memory]
-#        [pretrain] [tests]
+#        [pretrain] [pretrain-memory] [tests]
 # megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
 # gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
 # TEST_FILES picks the test files; PROXY_STEPS / PRETRAIN_ITERS size the runs.
@@ -76,6 +76,17 @@ step_pretrain() {
     --set eval_iters=1 --set use_distributed_optimizer=true ${PRETRAIN_SET:-} > "$out/pretrain.log" 2>&1
   local rc=$?
   grep -E "iteration +[0-9]+/|Error|error:|memory \(MB\)|OutOfMemory" "$out/pretrain.log" | cut -c1-400 | tail -16
+  return $rc
+}
+step_pretrain_memory() {  # the memory at the peak of pretrain()'s first iterations, by category (allocator history)
+  local data=/tmp/fp8flow_data/stdlib
+  [ -f "$data.idx" ] || $cli data "$data" --corpus python-stdlib 2>&1 | quiet | tail -1
+  timeout "${PRETRAIN_TIMEOUT:-420}" $cli train proxies/deepseek_v3_proxy_1gpu --megatron --compare "${PRETRAIN_PRECISIONS:-bf16,fp8flow}" \
+    --steps "${MEMORY_ITERS:-4}" --memory-breakdown --out "$out/pretrain_memory" --set data_path="$data" \
+    --set log_interval=1 --set eval_interval=1000 --set eval_iters=1 --set use_distributed_optimizer=true \
+    --set lr_warmup_iters=1 ${MEMORY_SET:-} > "$out/pretrain_memory.log" 2>&1
+  local rc=$?
+  grep -E "iteration +[0-9]+/|Error|error:|memory \(MB\)|OutOfMemory|^\|" "$out/pretrain_memory.log" | cut -c1-300 | tail -30
   return $rc
 }
 step_kernel_tests() {

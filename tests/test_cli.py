@@ -333,12 +333,18 @@ def test_bad_value_in_a_fresh_process_is_one_line():
         "fp8flow numerics: error: argument --m: 0 given; expected a positive integer (1, 2, ...)"]
 
 
-def test_memory_breakdown_is_for_the_compact_loop(capsys):
+def test_memory_breakdown_under_megatron_goes_to_each_launch(capsys, tmp_path):
+    """Under --megatron, --memory-breakdown gives every launch its own new breakdown file in
+    --out (one that holds files already is not written into)."""
     from megatron_fp8flow import cli
 
-    assert cli.main(["train", "proxies/tiny_cpu", "--megatron", "--memory-breakdown", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert "--memory-breakdown records the compact loop's allocations" in err and "Traceback" not in err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.json").write_text("{}")
+    assert cli.main(["train", "proxies/tiny_cpu", "--megatron", "--compare", "bf16,fp8flow", "--memory-breakdown",
+                     "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("+ ")]
+    assert [argv[argv.index("--fp8flow-memory-breakdown") + 1] for argv in lines] == [
+        str(tmp_path / "out-2" / f"memory_at_peak_{p}.json") for p in ("bf16", "fp8flow")]
 
 
 def test_dump_real_expert_tensors_and_measure_them(tmp_path, capsys):

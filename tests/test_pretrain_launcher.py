@@ -29,6 +29,46 @@ def test_layouts_outside_the_scope_are_named():
             pretrain_gpt.check_layout(SimpleNamespace(**{**vars(ok), **change}))
 
 
+def test_memory_breakdown_flags_are_checked_before_the_run(tmp_path):
+    """--fp8flow-memory-breakdown: parsed with the plugin's flags; a file that exists or a step
+    outside the run is refused before anything starts."""
+    import argparse
+
+    parser = pretrain_gpt.add_launcher_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--moe-fp8-flow", "--fp8flow-memory-breakdown", str(tmp_path / "m.json")])
+    assert args.moe_fp8_flow and args.fp8flow_memory_breakdown_step == 3
+    ok = dict(tensor_model_parallel_size=1, context_parallel_size=1, sft=False, fim_data=False, train_iters=10,
+              fp8flow_memory_breakdown=str(tmp_path / "m.json"), fp8flow_memory_breakdown_step=3)
+    pretrain_gpt.check_args(SimpleNamespace(**ok))
+    (tmp_path / "old.json").write_text("{}")
+    for change, message in ((dict(fp8flow_memory_breakdown_step=11), r"between 1 and --train-iters \(10\)"),
+                            (dict(fp8flow_memory_breakdown_step=0), "between 1"),
+                            (dict(fp8flow_memory_breakdown=str(tmp_path / "old.json")), "exists; name a new one")):
+        with pytest.raises(ValueError, match=message):
+            pretrain_gpt.check_args(SimpleNamespace(**{**ok, **change}))
+    assert (tmp_path / "old.json").read_text() == "{}"
+
+
+def test_optimizer_hook_hands_the_optimizer_to_the_recorder(monkeypatch):
+    """The launcher wraps Megatron's optimizer builder once; with a recorder the optimizer it
+    builds and the model chunks are handed over, without one it is returned untouched."""
+    seen = []
+
+    def get_megatron_optimizer(config, model_chunks, **kwargs):
+        return SimpleNamespace(step=lambda: None, chunks=model_chunks, kwargs=kwargs)
+
+    training = SimpleNamespace(get_megatron_optimizer=get_megatron_optimizer)
+    assert pretrain_gpt._install_optimizer_hook(training) is True
+    assert pretrain_gpt._install_optimizer_hook(training) is False
+    monkeypatch.setattr(pretrain_gpt, "_memory_recorder", None)
+    opt = training.get_megatron_optimizer("cfg", ["chunk"], use_gloo_process_groups=False)
+    assert opt.chunks == ["chunk"] and opt.kwargs == {"use_gloo_process_groups": False}
+    monkeypatch.setattr(pretrain_gpt, "_memory_recorder",
+                        SimpleNamespace(optimizer_built=lambda o, chunks: seen.append((o, chunks))))
+    opt = training.get_megatron_optimizer("cfg", ["chunk"])
+    assert seen == [(opt, ["chunk"])]
+
+
 def test_keyword_arguments_follow_the_signature():
     def takes(a, b=1):
         return a, b
