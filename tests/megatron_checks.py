@@ -261,8 +261,13 @@ def compact_loop_resume(rank, world, port, queue):
 def fp8_weights_once_per_step(rank, world, port, queue):
     """How often the expert weights are quantized over two steps of three microbatches, with and
     without cache_fp8_weights, when Megatron's schedule marks each step's first microbatch (and,
-    with the cache, when nothing marks it); and whether the cached run's gradients are the
-    uncached run's bits."""
+    with the cache, when nothing marks it); whether the cached run's gradients are the uncached
+    run's bits; and, with Megatron's microbatch calculator set up as pretrain() does, whether the
+    copies are released after the step's last microbatch (``held``: microbatches after which an
+    expert module still holds FP8 copies)."""
+    from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator, unset_num_microbatches_calculator
+
+    from megatron_fp8flow.megatron.experts import FP8FlowExperts
     from megatron_fp8flow.moe import experts as mx
 
     enable_deterministic_algorithms()  # the check compares two GPU runs' bits
@@ -277,16 +282,23 @@ def fp8_weights_once_per_step(rank, world, port, queue):
     mx._quantize_weights = counting
     shape = sm.device_shape(num_layers=1, mtp_layers=0)
     cfg = sm.config(shape)
-    out, grads = {}, {}
-    for name, cache, marked in (("plain", False, True), ("cached", True, True), ("cached_unmarked", True, False)):
+    out, grads, held = {}, {}, {}
+    variants = (("plain", False, True, False), ("cached", True, True, False), ("cached_unmarked", True, False, False),
+                ("cached_counted", True, True, True))
+    for name, cache, marked, counted in variants:
+        if counted:  # three microbatches per step, as pretrain() sets it up
+            init_num_microbatches_calculator(rank, None, 3 * world, 1, world)
         model = sm.build(cfg, FP8FlowSettings(gemm_backend=BACKEND, cache_fp8_weights=cache), shape=shape, seed=5)
-        counts = []
+        experts = [m for m in model.modules() if isinstance(m, FP8FlowExperts)]
+        counts, held[name] = [], []
         for step in range(2):
             calls.clear()
             if marked:
                 model.set_is_first_microbatch()  # what Megatron's schedules call on microbatch 0
             for mb in range(3):
                 sm.loss_and_backward(model, sm.batch(shape, seed=10 * step + mb))
+                if any(m._fp8_weights is not None for m in experts):
+                    held[name].append(mb)
             counts.append(len(calls))
             if step == 0:
                 grads[name] = _grads(model)
@@ -295,8 +307,11 @@ def fp8_weights_once_per_step(rank, world, port, queue):
                         p.add_(1e-3)
                 model.zero_grad(set_to_none=True)
         out[name] = counts
-    same = all(torch.equal(grads["plain"][n], grads["cached"][n]) for n in grads["plain"])
-    queue.put((rank, {"counts": out, "same_grads": same}))
+        if counted:
+            unset_num_microbatches_calculator()
+    same = {n: all(torch.equal(grads["plain"][k], grads[n][k]) for k in grads["plain"])
+            for n in ("cached", "cached_counted")}
+    queue.put((rank, {"counts": out, "same_grads": same, "held": held}))
 
 
 def main_grad_contract(rank, world, port, modes, queue):

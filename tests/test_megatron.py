@@ -257,10 +257,15 @@ def test_expert_weights_quantized_once_per_step_with_megatron_marks():
     """With cache_fp8_weights the experts quantize their weights once per step, on the first
     microbatch that Megatron's schedules mark (set_is_first_microbatch, which stock Megatron
     forwards only under TransformerEngine FP8), with the same gradient bits as quantizing in
-    every microbatch; nothing marked, they quantize in every call (never stale)."""
+    every microbatch; nothing marked, they quantize in every call (never stale). With the step's
+    microbatch count (Megatron's calculator) the copies are released after its last microbatch."""
     (result,) = sm.spawn(checks.fp8_weights_once_per_step, 1)
-    assert result["counts"] == {"plain": [3, 3], "cached": [1, 1], "cached_unmarked": [3, 3]}, result
-    assert result["same_grads"]
+    assert result["counts"] == {"plain": [3, 3], "cached": [1, 1], "cached_unmarked": [3, 3],
+                                "cached_counted": [1, 1]}, result
+    assert result["same_grads"] == {"cached": True, "cached_counted": True}, result
+    # Without Megatron's microbatch count the copies stay until the next step; with it they go
+    # with the step's last microbatch, so they are not held through the optimizer step.
+    assert result["held"]["cached"] == [0, 1, 2, 0, 1, 2] and result["held"]["cached_counted"] == [0, 1, 0, 1], result
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["ep1", "ep2"])

@@ -144,6 +144,17 @@ def allow_mla_without_te() -> None:
                                      ".".join(map(str, megatron_version())))
 
 
+def microbatches_per_step() -> Optional[int]:
+    """The number of microbatches in a training step, from Megatron's calculator (set up by
+    ``pretrain()``), or None where nothing has set it up (the compact loop, tests)."""
+    try:
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        return int(get_num_microbatches())
+    except Exception:  # not importable, or no calculator initialized (its global is None)
+        return None
+
+
 def accepted_kwargs(fn, kwargs: dict) -> dict:
     """The keyword arguments ``fn`` takes in this version (all of them if it takes ``**kwargs``)."""
     import inspect

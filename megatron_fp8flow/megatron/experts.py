@@ -77,6 +77,7 @@ class FP8FlowExperts(SequentialMLP):
         self.precision = precision
         self._fp8_weights = None  # (parameter addresses, FP8 weights) of this step, with cache_fp8_weights
         self._first = False
+        self._uses = 0  # training calls since the step's first microbatch
         self._marked = False  # Megatron's schedules have marked a first microbatch at least once
         if precision.cache_fp8_weights:
             install_first_microbatch_marks()
@@ -106,9 +107,20 @@ class FP8FlowExperts(SequentialMLP):
             return None
         where = tuple(w.data_ptr() for w in weights)
         if self._first or self._fp8_weights is None or self._fp8_weights[0] != where:
+            if self._first:
+                self._uses = 0
+            self._fp8_weights = None  # the old copies go before the new ones are made
             self._fp8_weights = (where, quantize_expert_weights(weights, self.num_local_experts))
             self._first = False
-        return self._fp8_weights[1]
+        fp8_weights = self._fp8_weights[1]
+        if torch.is_grad_enabled():  # a training forward (or its recomputation), not evaluation
+            self._uses += 1
+            if self._uses == compat.microbatches_per_step():
+                # The step's last microbatch: its backward keeps these copies alive until it is
+                # done and nothing needs them later, so they are not held through the optimizer
+                # step (a later call this step quantizes again: slower, never stale).
+                self._fp8_weights = None
+        return fp8_weights
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
         """The submodules with every expert's fc2 after the rest, last expert first, then every

@@ -48,7 +48,8 @@ class FP8FlowSettings:
         "inside the GEMMs (Megatron DDP's buffers), instead of returning them")
     cache_fp8_weights: bool = _setting(
         False, "cache-fp8-weights", "quantize the expert weights once per step: keep each layer's FP8 copies across "
-        "the step's microbatches (Megatron's schedules mark the first one); holds them for every layer")
+        "the step's microbatches (Megatron's schedules mark the first one); holds every layer's copies from the "
+        "step's first microbatch to its last")
     check_finite: bool = _setting(False, "check-finite", "debug: raise on NaN/Inf in the expert block's input and output")
 
     def __post_init__(self):
