@@ -120,16 +120,16 @@ def _frame_text(frames: List[dict], n: int = 8) -> List[str]:
 
 
 def peak_breakdown(snapshot: dict, device: int = 0, ranges: Sequence[Range] = ()) -> Dict[str, object]:
-    """{"peak_gb", "by_category_gb", "events", "peak_allocation", "complete"} at the peak of
-    allocated memory in the snapshot's history (``torch.cuda.memory._snapshot()``). A block
+    """{"peak_gb", "by_category_gb", "events", "peak_allocation", "unrecorded_gb"} at the peak
+    of allocated memory in the snapshot's history (``torch.cuda.memory._snapshot()``). A block
     counts from its allocation to the request to free it, as ``memory_allocated`` does.
 
     ``ranges`` (:func:`tensor_ranges`, taken when the snapshot was) sort the blocks that are
     still alive at the snapshot by the storage they lie in. ``peak_allocation`` is the category
     and innermost frames of the allocation that reached the peak (what was running then).
-    ``complete`` is False when the history does not reach back to the first allocation still
-    alive (the allocator keeps a bounded number of events), so the replay undercounts; None
-    when the snapshot has no segments to check against."""
+    ``unrecorded_gb`` is what is alive at the snapshot but missing from the history (allocated
+    before the recording started, or dropped from the allocator's bounded event buffer): the
+    replay undercounts the peak by about that much. None when the snapshot has no segments."""
     events = snapshot["device_traces"][device]
     total = best = 0
     best_index = -1
@@ -155,11 +155,11 @@ def peak_breakdown(snapshot: dict, device: int = 0, ranges: Sequence[Range] = ()
         what = None if addr in freed_later else held.find(addr)
         by_cat[what or category(e.get("frames", []))] += e["size"]
     peak_event = events[best_index] if best_index >= 0 else {}
-    complete = None
+    unrecorded = None
     if "segments" in snapshot:
         alive_now = sum(b["size"] for s in snapshot["segments"] if s.get("device", device) == device
                         for b in s.get("blocks", ()) if b.get("state") == "active_allocated")
-        complete = alive_now <= total
+        unrecorded = max(0, alive_now - total) / 1e9
     return {
         "peak_gb": best / 1e9,
         "by_category_gb": {c: v / 1e9 for c, v in by_cat.items()},
@@ -167,7 +167,7 @@ def peak_breakdown(snapshot: dict, device: int = 0, ranges: Sequence[Range] = ()
         "peak_allocation": {"category": category(peak_event.get("frames", [])) if peak_event else None,
                             "size_gb": peak_event.get("size", 0) / 1e9,
                             "frames": _frame_text(peak_event.get("frames", []))},
-        "complete": complete,
+        "unrecorded_gb": unrecorded,
     }
 
 
