@@ -234,6 +234,28 @@ def test_train_command_compares_precisions(tmp_path):
                                  for h, r in zip(det, results["fp8flow"]["history"]))
 
 
+def test_flow_and_its_double_quantization_ablation_train_identically(tmp_path):
+    """With power-of-two scales the scaling-aware transpose gives the codes and scales that
+    dequantize + column-wise requantize gives, so flow and flow_double_quant train to the same
+    bits: losses and gradient norms of every step are equal (runs of the ablation measure nothing
+    flow's runs do not)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_fp8flow.cli", "train", "proxies/tiny_cpu", "--steps", "4", "--compare",
+         "fp8flow,flow_double_quant", "--set", "log_interval=1", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "compare.json").read_text())
+    flow, ablation = (results[p]["history"] for p in ("fp8flow", "flow_double_quant"))
+    assert len(flow) == 4 and len({h["loss"] for h in flow}) > 1  # it trained
+    assert [(h["loss"], h["grad_norm"]) for h in flow] == [(h["loss"], h["grad_norm"]) for h in ablation]
+
+
 def test_step_profile_sorts_device_time_by_category():
     """The step record from a profiler's kernels: categories (the benchmarks'), idle as the wall
     time no kernel covered, the top kernels; and its table."""
