@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end on one Hopper GPU: the whole MoE layer, the DeepSeek-V3 proxy (compact loop), its
 # memory at the peak, Megatron's pretrain(), and test files natively.
-#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [breakdown] [proxy] [proxy-profile] [proxy-mbs4] [memory]
+#   bash scripts/gpu_e2e.sh OUT_DIR [layer] [layer-stacked] [layer-param] [layer-microbatches] [breakdown] [proxy] [proxy-profile] [proxy-mbs4] [memory]
 #        [pretrain] [pretrain-memory] [tests]
 # megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
 # gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
@@ -22,6 +22,11 @@ layer() {
 step_layer() { layer main_grad; }
 step_layer_stacked() { layer main_grad_stacked; }
 step_layer_param() { layer param; }
+step_layer_microbatches() {  # N microbatches per step, as in training: the FP8 weights quantized once per step
+  timeout "${LAYER_TIMEOUT:-240}" torchrun --nproc_per_node 1 -m megatron_fp8flow.benchmarks.moe_layer "$out/moe_layer" \
+    --microbatches "${LAYER_MICROBATCHES:-8}" 2>&1 | quiet | tee "$out/moe_layer_microbatches.log" | tail -8
+  return "${PIPESTATUS[0]}"
+}
 step_breakdown() {
   timeout 200 torchrun --nproc_per_node 1 -m megatron_fp8flow.benchmarks.moe_layer "$out/moe_layer" \
     --breakdown "${BREAKDOWN_MODES:-bf16,flow}" 2>&1 | quiet | tee "$out/breakdown.log" | tail -40

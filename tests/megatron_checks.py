@@ -130,7 +130,18 @@ def moe_layer_benchmark_smoke(rank, world, port, queue):
         result = moe_layer.run(hidden=width, moe_ffn=width, local_experts=2, topk=2, tokens=32,
                                modes=("stock", "bf16", "flow"), reps=1, warmup=1, grads=grads)
         tables.append(None if result is None else moe_layer.render(result))
-    queue.put((rank, tables))
+    # two microbatches per step, the FP8 weights quantized on the first only
+    from megatron_fp8flow.moe import experts as mx
+
+    calls, original = [], mx._quantize_weights
+    mx._quantize_weights = lambda weights, n: calls.append(n) or original(weights, n)
+    try:
+        result = moe_layer.run(hidden=width, moe_ffn=width, local_experts=2, topk=2, tokens=32, modes=("flow",),
+                               reps=2, warmup=1, microbatches=2)
+    finally:
+        mx._quantize_weights = original
+    tables.append(None if result is None else moe_layer.render(result))
+    queue.put((rank, {"tables": tables, "quantized": len(calls)}))
 
 
 def compact_loop_smoke(rank, world, port, queue):

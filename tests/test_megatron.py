@@ -196,11 +196,15 @@ def test_unsupported_configurations_are_named():
 def test_moe_layer_benchmark_runs():
     from megatron_fp8flow.benchmarks import moe_layer
 
-    tables = sm.spawn(checks.moe_layer_benchmark_smoke, 1)[0]
-    assert len(tables) == len(moe_layer.CONTRACTS)
+    result = sm.spawn(checks.moe_layer_benchmark_smoke, 1)[0]
+    tables = result["tables"]
+    assert len(tables) == len(moe_layer.CONTRACTS) + 1
     for table, grads in zip(tables, moe_layer.CONTRACTS):
-        assert f"weight gradients into {grads}" in table
+        assert f"weight gradients into {grads}" in table and "one per step" in table
         assert "| stock | 1 | 2 | 32 |" in table and "| flow | 1 | 2 | 32 |" in table
+    assert "2 microbatches per step (FP8 weights quantized once per step)" in tables[-1]
+    # warm-up, the held-memory probe, two timed steps: once per step, not per microbatch (1 + 0 + 2)
+    assert result["quantized"] == 3, result
 
 
 def test_launch_hooks_follow_the_parsed_flags():

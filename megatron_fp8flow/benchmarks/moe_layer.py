@@ -7,7 +7,9 @@ experts at EP = N. Modes: ``stock`` (Megatron's MoELayer with SequentialMLP, the
 without TransformerEngine has), and the plugin's ``bf16``, ``blockwise`` and ``flow``.
 
 Per mode: median step time (device events around forward + backward, after warm-up; the maximum
-over ranks), the host time to issue a step, the memory kept from the forward for the backward and
+over ranks; with ``microbatches`` N, a step is N forwards and backwards into the same gradients,
+as under Megatron's gradient accumulation, and the plugin's FP8 modes quantize their weights once
+per step, ``cache_fp8_weights``), the host time to issue a step, the memory kept from the forward for the backward and
 the peak allocated during a step (above the weights and gradient buffers). Weight gradients go
 where training puts them: into Megatron DDP's fp32 main_grad (``--grads param``: per-parameter
 ``.grad``, no DDP).
@@ -42,9 +44,10 @@ class LayerRow:
     host_ms: float = 0.0  # CPU time to issue one step (the one host sync per layer included)
     grads: str = "main_grad"  # where the weight gradients go (see run)
     held_gb: float = 0.0  # kept from the forward for the backward (the output excluded)
+    microbatches: int = 1  # forwards and backwards per step
 
 
-def _layer(mode: str, cfg, fused: bool = False):
+def _layer(mode: str, cfg, fused: bool = False, cache_fp8_weights: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from ..megatron import FP8FlowSettings, apply_fp8flow_to_spec
@@ -54,7 +57,8 @@ def _layer(mode: str, cfg, fused: bool = False):
     if mode != "stock":
         backend = "auto" if torch.cuda.is_available() else "emulated"
         spec = apply_fp8flow_to_spec(spec, FP8FlowSettings(mode=mode, gemm_backend=backend,
-                                                            gradient_accumulation_fusion=fused))
+                                                            gradient_accumulation_fusion=fused,
+                                                            cache_fp8_weights=cache_fp8_weights))
     layer = build_from_spec(spec, config=cfg)
     return layer.to(torch.cuda.current_device()) if torch.cuda.is_available() else layer
 
@@ -82,7 +86,7 @@ def with_main_grads(layer, cfg, stacked: bool = False, distributed_optimizer: bo
 
 def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, local_experts: int = 32,
         topk: int = 8, tokens: int = 4096, modes=MODES, reps: int = 10, warmup: int = 3,
-        grads: str = "main_grad", distributed_optimizer: bool = False) -> Optional[dict]:
+        grads: str = "main_grad", distributed_optimizer: bool = False, microbatches: int = 1) -> Optional[dict]:
     """Time forward + backward of one MoE layer per mode. ``grads``: ``main_grad`` (as in
     training: the layer runs under Megatron's DDP; the plugin's experts add their weight
     gradients into the fp32 main_grad inside the GEMMs, every other weight, the stock
@@ -90,11 +94,14 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     Megatron fuses that only with apex), ``main_grad_stacked`` (the same contract with each
     linear's expert gradients in one [G, N, K] buffer, as the compact loop lays them out: the
     single-launch k-grouped wgrads can then accumulate) or ``param`` (every weight gets a
-    .grad, no DDP)."""
+    .grad, no DDP). ``microbatches``: forwards and backwards per step, each of ``tokens`` other
+    tokens, the first marked as Megatron's schedules mark it."""
     from ..megatron import small_model as sm
 
     if grads not in CONTRACTS:
         raise ValueError(f"grads must be one of {CONTRACTS}, got {grads!r}")
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     experts = local_experts * world
     groups = 8 if experts % 8 == 0 and experts >= 16 else 1
@@ -105,19 +112,22 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     g = torch.Generator(device="cpu").manual_seed(dist.get_rank() if dist.is_initialized() else 0)
-    x = torch.randn(tokens, 1, hidden, generator=g).to(dev, torch.bfloat16)
+    xs = [torch.randn(tokens, 1, hidden, generator=g).to(dev, torch.bfloat16) for _ in range(microbatches)]
+    x = xs[0]
     dout = torch.randn(tokens, 1, hidden, generator=g).to(dev, torch.bfloat16)
     rows = []
     for mode in modes:
-        layer = _layer(mode, cfg, fused=grads != "param")
+        layer = _layer(mode, cfg, fused=grads != "param", cache_fp8_weights=microbatches > 1)
         module, zero = ((layer, lambda: None) if grads == "param"
                         else with_main_grads(layer, cfg, stacked=grads == "main_grad_stacked",
                                              distributed_optimizer=distributed_optimizer))
 
         def step():
-            inp = x.detach().requires_grad_(True)
-            out, _ = module(inp)
-            out.backward(dout)
+            for i, xi in enumerate(xs):
+                if i == 0 and microbatches > 1:
+                    layer.set_is_first_microbatch()  # the FP8 weights are quantized here, once per step
+                out, _ = module(xi.detach().requires_grad_(True))
+                out.backward(dout)
 
         for _ in range(warmup):
             step()
@@ -156,7 +166,7 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if cuda else 0.0
         rows.append(LayerRow(mode, world, experts, tokens, float(t), peak, host_ms=sorted(host)[len(host) // 2],
-                             grads=grads, held_gb=held / 1e9))
+                             grads=grads, held_gb=held / 1e9, microbatches=microbatches))
         layer = module = zero = step = None  # free the weights before the next mode
         if cuda:
             torch.cuda.empty_cache()
@@ -168,7 +178,8 @@ def run(out_dir: Optional[str] = None, hidden: int = 7168, moe_ffn: int = 2048, 
         return None
     env = environment(dev) if cuda else {"gpu": "CPU", "torch": torch.__version__, "triton": ""}
     shapes = {"hidden": hidden, "moe_ffn": moe_ffn, "topk": topk, "shared_ffn": moe_ffn}
-    suffix = ("" if grads == "main_grad" else f"_{grads}") + ("_distopt" if distributed_optimizer else "")
+    suffix = (("" if grads == "main_grad" else f"_{grads}") + ("_distopt" if distributed_optimizer else "")
+              + (f"_mb{microbatches}" if microbatches > 1 else ""))
     return save_result({**env, "shapes": shapes, "ddp_distributed_optimizer": distributed_optimizer,
                         "rows": [asdict(r) for r in rows]}, out_dir,
                        f"moe_layer_{world}gpu{suffix}.json")
@@ -239,8 +250,10 @@ def render_breakdown(parts: list) -> str:
 def render(result: dict) -> str:
     rows = result["rows"]
     grads = rows[0].get("grads", "param") if rows else ""
+    mb = rows[0].get("microbatches", 1) if rows else 1
+    per_step = f"{mb} microbatches per step (FP8 weights quantized once per step)" if mb > 1 else "one per step"
     lines = [f"GPU: {result['gpu']}, torch {result['torch']}; one DeepSeek-V3 MoE layer, forward + backward, "
-             f"weight gradients into {grads}", "",
+             f"{per_step}, weight gradients into {grads}", "",
              "| mode | GPUs | experts | tokens/GPU | step ms | host ms | peak GB | held GB | vs stock | vs bf16 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -267,6 +280,9 @@ def main(argv=None) -> None:
     parser.add_argument("--distributed-optimizer", action="store_true",
                         help="with --grads main_grad: Megatron's DDP as the distributed optimizer sets it up "
                              "(parameters moved into one buffer)")
+    parser.add_argument("--microbatches", type=int, default=1, metavar="N",
+                        help="forwards and backwards per step, into the same gradients (Megatron's gradient "
+                        "accumulation); the FP8 modes then quantize their weights once per step")
     parser.add_argument("--breakdown", metavar="MODES", help="instead of the table: device time by category of "
                         "these modes' steps (comma-separated)")
     args = parser.parse_args(argv)
@@ -285,7 +301,10 @@ def main(argv=None) -> None:
         print(json.dumps([{k: p[k] for k in ("mode", "top_kernels_ms")} for p in parts], indent=1))
         print(render_breakdown(parts))
         return
-    result = run(args.out_dir, modes=modes, grads=args.grads, distributed_optimizer=args.distributed_optimizer)
+    if args.microbatches < 1:
+        parser.error(f"--microbatches {args.microbatches}: must be >= 1")
+    result = run(args.out_dir, modes=modes, grads=args.grads, distributed_optimizer=args.distributed_optimizer,
+                 microbatches=args.microbatches)
     if result is not None:
         print(render(result))
 
