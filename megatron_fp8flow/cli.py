@@ -286,6 +286,9 @@ def _launch_megatron(recipe_name: str, precisions, overrides: dict, nproc: int, 
         cmd = launch_command(recipe, nproc)
         if memory_dir is not None:
             cmd += ["--fp8flow-memory-breakdown", os.path.join(memory_dir, f"memory_at_peak_{precision}.json")]
+            iters = recipe.args.get("train_iters")
+            if iters is not None and int(iters) < 3:  # the launcher's default last recorded iteration
+                cmd += ["--fp8flow-memory-breakdown-step", str(int(iters))]
         commands.append(cmd)
     if not dry_run:
         _need_module("megatron.training", "--megatron", "megatron.training (Megatron's pretrain())",

@@ -74,7 +74,8 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        "--fp8flow-memory-breakdown-step and write the memory at its peak by category (parameters, "
                        "main_grad, optimizer state, FP8 weights, activations, backward) to this new file")
     group.add_argument("--fp8flow-memory-breakdown-step", type=int, default=3, metavar="N",
-                       help="the last iteration the breakdown records (>= 2: the first allocates the optimizer state)")
+                       help="the last iteration the breakdown records (default 3; the first iteration allocates "
+                       "the optimizer state at its end, later ones repeat the steady state)")
     return parser
 
 

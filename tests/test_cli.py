@@ -345,6 +345,12 @@ def test_memory_breakdown_under_megatron_goes_to_each_launch(capsys, tmp_path):
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("+ ")]
     assert [argv[argv.index("--fp8flow-memory-breakdown") + 1] for argv in lines] == [
         str(tmp_path / "out-2" / f"memory_at_peak_{p}.json") for p in ("bf16", "fp8flow")]
+    assert all("--fp8flow-memory-breakdown-step" not in argv for argv in lines)  # the launcher's default, 3
+    # a run shorter than that records all of its iterations
+    assert cli.main(["train", "proxies/tiny_cpu", "--megatron", "--steps", "2", "--set", "lr_warmup_iters=1",
+                     "--memory-breakdown", "--out", str(tmp_path / "short"), "--dry-run"]) == 0
+    argv = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("+ ")][0]
+    assert argv[argv.index("--fp8flow-memory-breakdown-step") + 1] == "2"
 
 
 def test_dump_real_expert_tensors_and_measure_them(tmp_path, capsys):
