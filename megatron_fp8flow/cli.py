@@ -29,6 +29,11 @@ _TE_APEX_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is n
 _TE_APEX_NOTE = ("fp8flow: TransformerEngine and apex are not installed: Megatron-Core runs its local PyTorch "
                  "layers and norms, PyTorch optimizers and multi-tensor fallbacks (the plugin's FP8 path needs "
                  "neither)")
+# Import-time notices of Megatron-Core 0.19 that say nothing about the command: it falls back to
+# the logging module without absl, and torch's extension builder (which it imports) finds no CUDA
+# on a CPU machine.
+_IMPORT_NOISE_WARNINGS = ("absl.logging is not installed",)
+_IMPORT_NOISE_LOGGERS = ("torch.utils.cpp_extension",)
 
 
 def _lead() -> bool:
@@ -39,10 +44,18 @@ def _lead() -> bool:
 def _megatron_warnings_replaced():
     """Within a command: Megatron-Core's import-time warnings about TransformerEngine/apex are
     not printed; the first one prints _TE_APEX_NOTE instead (on rank 0). Other warnings pass."""
+    import logging
+
     shown = []
+    quieted = [logging.getLogger(name) for name in _IMPORT_NOISE_LOGGERS]
+    levels = [log.level for log in quieted]
+    for log in quieted:
+        log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         for text in _TE_APEX_WARNINGS:  # shown (to the hook below), never turned into errors
             warnings.filterwarnings("default", message=text, category=UserWarning)
+        for text in _IMPORT_NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=text, category=UserWarning)
         previous = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
@@ -53,7 +66,11 @@ def _megatron_warnings_replaced():
             shown.append(filename)
 
         warnings.showwarning = show
-        yield
+        try:
+            yield
+        finally:
+            for log, level in zip(quieted, levels):
+                log.setLevel(level)
 
 
 def _need_module(module: str, subject: str, what: str, install: str) -> None:
