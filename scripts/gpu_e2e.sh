@@ -5,7 +5,7 @@
 #        [pretrain] [pretrain-memory] [tests]
 # megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
 # gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
-# TEST_FILES picks the test files; PROXY_STEPS / PRETRAIN_ITERS size the runs.
+# TEST_FILES picks the test files; PROXY_STEPS / PRETRAIN_ITERS size the runs; PROXY_SET adds recipe settings.
 source "$(dirname "$0")/gpu_common.sh"
 cli="python3 -m megatron_fp8flow.cli"
 
@@ -36,7 +36,7 @@ proxy() {  # NAME [--set KEY=VALUE ...]: DeepGEMM's JIT builds counted from its 
   local name=$1
   shift
   timeout "${PROXY_TIMEOUT:-300}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
-    --steps "${PROXY_STEPS:-8}" --set log_interval=2 "$@" --out "$out/$name" 2>&1 | quiet | tee "$out/$name.log" \
+    --steps "${PROXY_STEPS:-8}" --set log_interval=2 "$@" ${PROXY_SET:-} --out "$out/$name" 2>&1 | quiet | tee "$out/$name.log" \
     | tail -14
   local rc=${PIPESTATUS[0]}
   echo "DeepGEMM JIT cache entries: $(find "$DG_JIT_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l)"
