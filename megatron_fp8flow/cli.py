@@ -30,9 +30,11 @@ _TE_APEX_NOTE = ("fp8flow: TransformerEngine and apex are not installed: Megatro
                  "layers and norms, PyTorch optimizers and multi-tensor fallbacks (the plugin's FP8 path needs "
                  "neither)")
 # Import-time notices of Megatron-Core 0.19 that say nothing about the command: it falls back to
-# the logging module without absl, and torch's extension builder (which it imports) finds no CUDA
-# on a CPU machine.
+# the logging module without absl, torch's extension builder (which it imports) finds no CUDA
+# on a CPU machine, and Python 3.12 flags escape sequences in its docstrings when it compiles a
+# module that has no bytecode yet (an install without --compile, a read-only site-packages).
 _IMPORT_NOISE_WARNINGS = ("absl.logging is not installed",)
+_IMPORT_NOISE_SYNTAX_FROM = r".*[/\\]megatron[/\\]core[/\\]"
 _IMPORT_NOISE_LOGGERS = ("torch.utils.cpp_extension",)
 
 
@@ -56,6 +58,7 @@ def _megatron_warnings_replaced():
             warnings.filterwarnings("default", message=text, category=UserWarning)
         for text in _IMPORT_NOISE_WARNINGS:
             warnings.filterwarnings("ignore", message=text, category=UserWarning)
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module=_IMPORT_NOISE_SYNTAX_FROM)
         previous = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):

@@ -92,8 +92,9 @@ def test_installed_wheel_cli_without_checkout(wheel, tmp_path):
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target", str(target), str(wheel)])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(target)
+    # PYTHONPATH keeps what it adds besides this checkout (a Megatron-LM tree, say), after the install
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), *kept]))
 
     def cli(*args):
         return _run([sys.executable, "-m", "megatron_fp8flow.cli", *args], cwd=elsewhere, env=env).stdout
