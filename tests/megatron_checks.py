@@ -170,6 +170,54 @@ def compact_loop_smoke(rank, world, port, queue):
                       "lr_step2": {n: loop._lr(recipe.args, 1, n) for n in (2, 5)}}))
 
 
+def compact_loop_weight_cache(rank, world, port, queue):
+    """Two steps of two microbatches of the tiny recipe (validation after step 2, past an
+    optimizer step), with and without ``cache_fp8_weights``: the histories, how many times the
+    expert weights were quantized, the plugin's expert blocks, and what was logged."""
+    import logging
+    import os
+
+    from megatron_fp8flow.megatron.experts import FP8FlowExperts
+    from megatron_fp8flow.moe import experts as block
+    from megatron_fp8flow.recipes import load_recipe
+    from megatron_fp8flow.training import loop
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
+    quantize = block._quantize_weights
+    calls = [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return quantize(*a, **k)
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logging.getLogger("megatron_fp8flow").addHandler(records)
+    block._quantize_weights = counted
+    out = {}
+    for cache in (False, True):
+        calls[0] = 0
+        recipe = load_recipe("proxies/tiny_cpu", {
+            "seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2, "global_batch_size": 4,
+            "log_interval": 1, "eval_interval": 2, "eval_iters": 1, "lr_warmup_iters": 0,
+            "fp8flow.cache_fp8_weights": cache})
+        kept = {}
+        history = loop.train(recipe, steps=2, keep_model=kept)
+        layers = [m for m in kept["model"].modules() if isinstance(m, FP8FlowExperts)]
+        out[cache] = {"history": history, "quantized": calls[0], "layers": len(layers),
+                      "held_after": sum(m._fp8_weights is not None for m in layers)}
+    block._quantize_weights = quantize
+    out["warnings"] = records.messages
+    queue.put((rank, out))
+
+
 def compact_loop_on_indexed_data(rank, world, port, queue):
     """Two steps of the tiny recipe on the Megatron indexed dataset at $FP8FLOW_TEST_DATA, and
     the text the loop reads from it (its sizes and digests)."""

@@ -189,6 +189,26 @@ def test_compact_loop_resumes_from_a_checkpoint():
     assert res["refused_steps"] and "train_iters" in res["refused_steps"]
 
 
+def test_compact_loop_quantizes_cached_expert_weights_once_per_step():
+    """With cache_fp8_weights the compact loop marks each step's first microbatch, as Megatron's
+    schedules do: every expert block quantizes its weights once per step (not once per
+    microbatch), releases the copies before the optimizer step, and an
+    evaluation after that step quantizes the updated weights. The run is bit for bit the run
+    without the cache."""
+    (res,) = sm.spawn(checks.compact_loop_weight_cache, 1)
+    plain, cached = res[False], res[True]
+    layers, steps, micro, evals = cached["layers"], 2, 2, 1
+    assert layers >= 1 and plain["layers"] == layers
+    assert plain["quantized"] == layers * (steps * micro + evals)
+    assert cached["quantized"] == layers * (steps + evals)
+    assert cached["held_after"] == 0  # none kept after the run's steps
+    strip = [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in plain["history"]]
+    assert [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")}
+            for h in cached["history"]] == strip
+    assert len({h["loss"] for h in strip}) == steps and strip[-1]["val_loss"] is not None
+    assert not [m for m in res["warnings"] if "cache_fp8_weights" in m], res["warnings"]
+
+
 def test_checkpoint_directories_per_precision():
     from megatron_fp8flow.recipes import load_recipe
     from megatron_fp8flow.training.checkpoint import per_precision_dirs

@@ -105,6 +105,8 @@ class FP8FlowExperts(SequentialMLP):
                                "schedules do); quantizing the expert weights in every call")
                 self._warned_unmarked = True
             return None
+        if not torch.is_grad_enabled() and not self._first and self._fp8_weights is None:
+            return None  # an evaluation between steps: its own copies, not kept
         where = tuple(w.data_ptr() for w in weights)
         if self._first or self._fp8_weights is None or self._fp8_weights[0] != where:
             if self._first:
@@ -121,6 +123,13 @@ class FP8FlowExperts(SequentialMLP):
                 # step (a later call this step quantizes again: slower, never stale).
                 self._fp8_weights = None
         return fp8_weights
+
+    def release_fp8_weights(self) -> None:
+        """The step's microbatches are done: drop its cached FP8 weights before the optimizer
+        changes the parameters in place (where nothing tells the experts how many microbatches
+        a step has, as in the compact loop; Megatron's schedules need no call)."""
+        self._fp8_weights = None
+        self._uses = 0
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
         """The submodules with every expert's fc2 after the rest, last expert first, then every
@@ -158,3 +167,9 @@ class FP8FlowExperts(SequentialMLP):
                                self.precision, weights, self._step_fp8_weights(weights))
         return out, None
 
+
+def release_fp8_weights(model: torch.nn.Module) -> None:
+    """:meth:`FP8FlowExperts.release_fp8_weights` on every plugin expert block of ``model``."""
+    for m in model.modules():
+        if isinstance(m, FP8FlowExperts):
+            m.release_fp8_weights()

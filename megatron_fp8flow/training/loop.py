@@ -235,6 +235,7 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
                  dump: Optional[tuple] = None, profile: Optional[tuple] = None) -> List[dict]:
     from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias, reset_model_temporary_tensors
 
+    from ..megatron.experts import release_fp8_weights
     from ..megatron.parallel import init_parallel, reseed
 
     args = recipe.args
@@ -293,12 +294,14 @@ def _train_steps(recipe: Recipe, steps: Optional[int], seed: Optional[int],
             if dumper:
                 dumper.arm(step + 1)
             step_loss = torch.zeros((), device=dev)
+            model.set_is_first_microbatch()  # as Megatron's schedules: cache_fp8_weights quantizes once per step
             for _ in range(accumulate):
                 ids, labels = (t.to(dev) for t in data.next())
                 loss = model(ids, pos, mask, labels=labels).float().mean() / (accumulate * world)
                 loss.backward()
                 step_loss += loss.detach()
                 tokens += ids.numel() * world
+            release_fp8_weights(model)  # before opt.step changes the weights in place
             if model.config.moe_router_enable_expert_bias:
                 _update_router_expert_bias([model], model.config)
             # as Megatron's finalize_model_grads: the routers' token counts are one step's (the
