@@ -314,6 +314,32 @@ def test_fp8_weight_cache_across_microbatches(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["blockwise", "flow"])
+def test_graph_kept_after_backward_holds_no_cached_fp8_weights(mode):
+    """A training loop keeps its last loss, and so the graph's nodes, until the next step's
+    forward: after the backward they must not hold the step's cached FP8 weight set (every
+    layer's would then be alive twice at the next step's peak)."""
+    import gc
+    import weakref
+
+    from megatron_fp8flow.moe import experts as ex
+
+    module = _make(mode)
+    x, probs, dout = _inputs(seed=13)
+    weights = module.linear_fc1.weights() + module.linear_fc2.weights()
+    cached = ex.quantize_expert_weights(weights, module.num_experts)
+    cached.transposed("fc1")  # as the dgrad of the emulation and cuBLAS makes them
+    alive = weakref.ref(cached)
+    groups = ex.GroupSplits.build(SPLITS, x.shape[0], x.device)
+    out = ex.run_expert_block(x.clone().requires_grad_(True), probs.clone().requires_grad_(True), groups,
+                              module.num_experts, module.precision, weights, cached)
+    out.backward(dout)
+    assert out.grad_fn is not None  # the graph's nodes are still here
+    del cached
+    gc.collect()
+    assert alive() is None
+
+
+@pytest.mark.parametrize("mode", ["blockwise", "flow"])
 def test_triton_gemm_block_matches_emulated(mode):
     """The whole block on the single-launch Triton GEMMs against the exact-dequantize emulation
     (same bound as cuBLAS: only accumulation order differs, and FP8 casts of GEMM outputs may flip)."""

@@ -114,7 +114,9 @@ class _ExpertMLPFunction(torch.autograd.Function):
             dx, dprobs, grads = _bf16_backward(ctx, dout, main)
         else:
             dx, dprobs, grads = _fp8_backward(ctx, dout, main)
-        ctx.weights = None
+        # The graph's nodes outlive the backward while the caller keeps the loss: they must not
+        # keep a cached FP8 weight set (every layer's) alive into the next step.
+        ctx.weights = ctx.fp8_weights = None
         return (dx, dprobs, None, None, None, None, *_returned_grads(weights, grads, main is not None))
 
 
