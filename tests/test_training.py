@@ -173,13 +173,18 @@ def test_compact_loop_trains_two_steps(world):
         assert ranks[0]["expert_params"] > 0
 
 
+def _without_timing(history):
+    """A run's logged records without what varies between two runs of the same bits."""
+    return [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in history]
+
+
 def test_compact_loop_resumes_from_a_checkpoint():
     """save / exit_interval / load split a run into jobs without changing it: the resumed run's
     losses, gradient norms and final weights are bit for bit those of the run made in one go."""
     (res,) = sm.spawn(checks.compact_loop_resume, 1)
-    strip = [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in res["whole"]]
+    strip = _without_timing(res["whole"])
     assert [h["step"] for h in res["first"]] == [1, 2] and [h["step"] for h in res["resumed"]] == [1, 2, 3]
-    assert [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in res["resumed"]] == strip
+    assert _without_timing(res["resumed"]) == strip
     assert res["compared"] > 10 and res["leftover_counts"] == 0
     # name: max |difference|; a run repeated in one go tells nondeterminism from a lossy resume
     assert (res["repeat_differing"], res["differing"]) == ({}, {}), (
@@ -202,9 +207,8 @@ def test_compact_loop_quantizes_cached_expert_weights_once_per_step():
     assert plain["quantized"] == layers * (steps * micro + evals)
     assert cached["quantized"] == layers * (steps + evals)
     assert cached["held_after"] == 0  # none kept after the run's steps
-    strip = [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")} for h in plain["history"]]
-    assert [{k: v for k, v in h.items() if k not in ("tokens_per_s", "peak_mem_gb")}
-            for h in cached["history"]] == strip
+    strip = _without_timing(plain["history"])
+    assert _without_timing(cached["history"]) == strip
     assert len({h["loss"] for h in strip}) == steps and strip[-1]["val_loss"] is not None
     assert not [m for m in res["warnings"] if "cache_fp8_weights" in m], res["warnings"]
 
