@@ -323,3 +323,33 @@ def test_megatron_ddp_stacks_expert_gradients():
     for dist_opt, r in sm.spawn(checks.expert_buffer_layout, 1)[0].items():
         assert r["grads_stacked"], (dist_opt, r)
         assert r["weights_stacked"] == dist_opt, (dist_opt, r)  # the parameters move into a buffer only then
+
+
+def test_process_groups_are_torn_down_before_the_interpreter_exits(tmp_path):
+    """A process that exits with gloo's worker threads alive can abort in the interpreter's
+    finalization, now and then: init_parallel registers the teardown to run before it (also after
+    a rebuild), and shutdown_parallel leaves neither torch.distributed's nor Megatron's groups
+    behind, and can be called again."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the gloo teardown is the CPU path (NCCL's is left to the caller)")
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import atexit, torch, torch.distributed as dist\n"
+        "from megatron.core import parallel_state\n"
+        "from megatron_fp8flow.megatron.parallel import init_parallel, shutdown_parallel\n"
+        "init_parallel(0, 1, 1)\n"
+        "shutdown_parallel(); init_parallel(0, 1, 1)  # rebuilt: the teardown is registered again\n"
+        "t = torch.ones(3); dist.all_reduce(t)\n"
+        "before = (dist.is_initialized(), parallel_state.model_parallel_is_initialized())\n"
+        "atexit._run_exitfuncs()\n"
+        "after = (dist.is_initialized(), parallel_state.model_parallel_is_initialized())\n"
+        "shutdown_parallel()\n"
+        "print(before, after, t.tolist())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(True, True) (False, False) [1.0, 1.0, 1.0]", out.stdout

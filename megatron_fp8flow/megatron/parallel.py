@@ -3,6 +3,7 @@ Megatron-Core's model-parallel groups (the training loop, ``fp8flow audit``, the
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Optional
 
@@ -21,6 +22,12 @@ def init_parallel(rank: int = 0, world: int = 1, ep: int = 1, port: Optional[int
         if torch.cuda.is_available():
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, rank=rank, world_size=world)
+        if backend == "gloo":
+            # A process that exits with gloo's worker threads alive can abort in the interpreter's
+            # finalization ("terminate called without an active exception"); NCCL only warns, and
+            # its teardown after a failed rank could wait on the others, so it is left to the caller.
+            atexit.unregister(shutdown_parallel)  # once, however often the groups are rebuilt
+            atexit.register(shutdown_parallel)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
     if not torch.cuda.is_available():
@@ -28,6 +35,16 @@ def init_parallel(rank: int = 0, world: int = 1, ep: int = 1, port: Optional[int
 
         cpu_shims.apply()
     reseed(1234)
+
+
+def shutdown_parallel() -> None:
+    """Megatron's model-parallel groups and torch.distributed's process groups, destroyed while
+    the interpreter is still whole; a no-op when there are none (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def reseed(seed: int) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .parallel import free_port, init_parallel, reseed  # noqa: F401  (init_parallel: callers use it from here too)
+from .parallel import free_port, init_parallel, reseed, shutdown_parallel  # noqa: F401  (init_parallel: callers use it from here too)
 from .settings import FP8FlowSettings
 
 
@@ -120,7 +120,7 @@ def spawn(worker, world: int, *args) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, world, port, *args, queue)) for rank in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(worker, rank, world, port, args, queue)) for rank in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -130,3 +130,13 @@ def spawn(worker, world: int, *args) -> list:
         raise RuntimeError(f"rank(s) {failed} failed (exit codes {[procs[i].exitcode for i in failed]})")
     results = dict(queue.get() for _ in range(world))
     return [results[r] for r in range(world)]
+
+
+def _rank_main(worker, rank: int, world: int, port: int, args: tuple, queue) -> None:
+    """One spawned rank: the worker, then its process groups torn down before the interpreter's
+    exit (not after a failure, where another rank may still be inside a collective)."""
+    import faulthandler
+
+    faulthandler.enable()  # a native abort prints every thread's Python stack
+    worker(rank, world, port, *args, queue)
+    shutdown_parallel()
