@@ -5,7 +5,8 @@
 #        [pretrain] [pretrain-memory] [tests]
 # megatron-core from .whl/ and deep_gemm from .dgw/ when they are not importable (see
 # gpu_common.sh and gpu_deepgemm.sh; DG_PRELOAD_LIBSTDCXX=1 where the toolchain needs it).
-# TEST_FILES picks the test files; PROXY_STEPS / PRETRAIN_ITERS size the runs; PROXY_SET adds recipe settings.
+# TEST_FILES picks the test files; PROXY_STEPS / PRETRAIN_ITERS size the runs; PROXY_SET (proxy steps) and
+# MEMORY_SET (memory steps) add recipe settings; MEMORY_TAG suffixes the memory step's output names.
 source "$(dirname "$0")/gpu_common.sh"
 cli="python3 -m megatron_fp8flow.cli"
 
@@ -68,9 +69,9 @@ step_proxy_profile() { proxy proxy_profile --profile-step "${PROFILE_STEP:-6}"; 
 step_proxy_mbs4() { proxy proxy_mbs4 --set micro_batch_size=4; }
 step_memory() {
   timeout "${MEMORY_TIMEOUT:-240}" $cli train proxies/deepseek_v3_proxy_1gpu --compare "${PROXY_PRECISIONS:-bf16,fp8flow}" \
-    --steps 2 --set log_interval=1 --set micro_batch_size="${MEMORY_MBS:-2}" --memory-breakdown \
-    --out "$out/proxy_memory_mbs${MEMORY_MBS:-2}" 2>&1 | quiet \
-    | tee "$out/proxy_memory_mbs${MEMORY_MBS:-2}.log" | tail -16
+    --steps 2 --set log_interval=1 --set micro_batch_size="${MEMORY_MBS:-2}" --memory-breakdown ${MEMORY_SET:-} \
+    --out "$out/proxy_memory_mbs${MEMORY_MBS:-2}${MEMORY_TAG:-}" 2>&1 | quiet \
+    | tee "$out/proxy_memory_mbs${MEMORY_MBS:-2}${MEMORY_TAG:-}.log" | tail -16
   return "${PIPESTATUS[0]}"
 }
 step_pretrain() {
