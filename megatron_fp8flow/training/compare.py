@@ -20,7 +20,7 @@ from .checkpoint import per_precision_dirs
 
 def demo_recipe() -> str:
     """The recipe that fits this machine: the one-H200 DeepSeek-V3 proxy on a GPU with FP8
-    tensor cores and H200-class memory (it peaks at about 145 GB), the tiny proxy otherwise."""
+    tensor cores and H200-class memory (its bf16 run needs most of an H200's), the tiny proxy otherwise."""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         if (props.major, props.minor) >= (8, 9) and props.total_memory >= 140e9:
