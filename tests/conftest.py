@@ -2,6 +2,13 @@
 
 Kernels run natively when a CUDA GPU is present; otherwise under the Triton interpreter on CPU
 (``TRITON_INTERPRET`` must be set before any kernel module is imported, hence here).
+
+On a CPU-only machine a test marked ``cpu_kernels("pytorch")`` runs the plugin's plain-PyTorch
+path instead (``TRITON_INTERPRET=0``, what a CPU user of the plugin runs): the kernel, op, GEMM
+and expert-block tests prove the kernels equal to those forms under the interpreter, which is
+hundreds of times slower, so the Megatron-facing tests need not interpret them again. Unmarked
+tests, and those marked ``cpu_kernels("interpreter")``, run the kernels. The GPU runs every test
+on the kernels.
 """
 
 import os
@@ -14,6 +21,41 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_fp8flow import fp8  # noqa: E402
+
+if not HAS_CUDA:
+    import importlib
+    import pkgutil
+
+    import megatron_fp8flow.kernels as _kernels
+
+    # Triton picks interpreted or compiled when a kernel is defined: define them all now, under
+    # the interpreter, so a test on the plain-PyTorch path that imports one first cannot define it
+    # compiled for the tests after it.
+    for _mod in pkgutil.iter_modules(_kernels.__path__):
+        importlib.import_module(f"{_kernels.__name__}.{_mod.name}")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core on a CPU-only machine; on a GPU machine at most four,
+    since every worker holds a CUDA context and the tests share the GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 4) if HAS_CUDA else cores
+
+
+_CPU_KERNEL_PATHS = {"interpreter": "1", "pytorch": "0"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the test's fixtures (module-scoped ones and spawned ranks inherit it): the
+    closest ``cpu_kernels`` mark picks the CPU path."""
+    if HAS_CUDA:
+        return
+    marker = item.get_closest_marker("cpu_kernels")
+    path = marker.args[0] if marker else "interpreter"
+    if path not in _CPU_KERNEL_PATHS:
+        raise pytest.UsageError(f"{item.nodeid}: cpu_kernels({path!r}); expected one of {sorted(_CPU_KERNEL_PATHS)}")
+    os.environ["TRITON_INTERPRET"] = _CPU_KERNEL_PATHS[path]
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,31 @@ def test_kernels_refuse_cpu_tensors_without_interpreter(monkeypatch):
     assert data.shape == (4, 128) and scale.shape == (4, 1)
     summed, _ = gather_sum_rows(x, torch.zeros(4, 1, dtype=torch.int32), 4)
     assert torch.equal(summed, x[[0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize("path", [pytest.param("pytorch", marks=pytest.mark.cpu_kernels("pytorch")),
+                                  pytest.param("interpreter", marks=pytest.mark.cpu_kernels("interpreter")),
+                                  "unmarked"])
+def test_cpu_kernels_mark_picks_the_cpu_path(path):
+    """The conftest's mark: on a CPU-only machine the plain-PyTorch path only where asked for
+    (SAT then skips the kernel it would otherwise interpret); a GPU always runs the kernels."""
+    from megatron_fp8flow.kernels import scaling_aware_transpose as sat_kernel
+    from megatron_fp8flow.kernels.fp8_common import interpreter_active
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs every test on the kernels")
+    assert interpreter_active() == (path != "pytorch")
+    launched = []
+    original = sat_kernel.scaling_aware_transpose
+
+    def spy(*args, **kwargs):
+        launched.append(True)
+        return original(*args, **kwargs)
+
+    sat_kernel.scaling_aware_transpose = spy
+    try:
+        row = fp8.quantize(torch.randn(8, 128).bfloat16(), backend="reference")
+        fp8.scaling_aware_transpose(row, [3, 5])
+    finally:
+        sat_kernel.scaling_aware_transpose = original
+    assert launched == ([] if path == "pytorch" else [True])

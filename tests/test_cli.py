@@ -18,11 +18,14 @@ import torch
 
 from megatron_fp8flow import cli, numerics, validation
 
+pytestmark = pytest.mark.cpu_kernels("pytorch")  # on CPU: the plain-PyTorch path (conftest says why)
+
 HAS_MEGATRON = importlib.util.find_spec("megatron.core") is not None
 needs_megatron = pytest.mark.skipif(not HAS_MEGATRON, reason="needs megatron-core (the recipes' fp8flow checks)")
 TE_OR_APEX = any(importlib.util.find_spec(m) is not None for m in ("transformer_engine", "apex"))
 
 
+@pytest.mark.cpu_kernels("interpreter")  # fp8flow numerics runs the SAT kernel on a CPU
 def test_numerics_report(tmp_path, capsys):
     out = tmp_path / "n.json"
     rc = cli.main(["numerics", "--m", "384", "--k", "256", "--groups", "4", "--json", str(out)])
@@ -283,6 +286,7 @@ def test_results_are_never_written_over(tmp_path, monkeypatch, capsys):
     assert validation.fresh_results_dir(str(tmp_path / "empty")) == (str(tmp_path / "empty"), False)
 
 
+@pytest.mark.cpu_kernels("interpreter")  # fp8flow numerics runs the SAT kernel on a CPU
 def test_json_files_are_never_written_over(tmp_path, capsys):
     path = tmp_path / "n.json"
     path.write_text("earlier")
@@ -370,6 +374,7 @@ def test_memory_breakdown_under_megatron_goes_to_each_launch(capsys, tmp_path):
     assert argv[argv.index("--fp8flow-memory-breakdown-step") + 1] == "2"
 
 
+@pytest.mark.cpu_kernels("interpreter")  # fp8flow numerics runs the SAT kernel on a CPU
 def test_dump_real_expert_tensors_and_measure_them(tmp_path, capsys):
     """fp8flow train --dump-experts saves the first MoE layer's bf16 expert tokens and output
     gradient at the asked steps; fp8flow numerics --from measures them (SAT exact on them)."""

@@ -21,6 +21,8 @@ from megatron_fp8flow.megatron import (  # noqa: E402
 )
 from megatron_fp8flow.megatron import small_model as sm  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels("pytorch")  # on CPU: the plain-PyTorch path (conftest says why)
+
 MODES = ["bf16", "blockwise", "flow_double_quant", "flow"]
 # Gradient bounds against the stock layer with the same weights (relative, max over parameters):
 # bf16: the stock MLP rounds silu(gate), the product and the probability weighting to bf16 and
@@ -36,7 +38,9 @@ def _ranks_possible(world: int) -> bool:
     return not torch.cuda.is_available() or torch.cuda.device_count() >= world
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["ep1", "ep2"])
+# EP = 1 runs the kernels inside Megatron's model (under the interpreter on CPU); EP = 2 the CPU path.
+@pytest.fixture(scope="module", params=[pytest.param(1, marks=pytest.mark.cpu_kernels("interpreter")), 2],
+                ids=["ep1", "ep2"])
 def compared(request):
     if not _ranks_possible(request.param):
         pytest.skip(f"EP={request.param} needs {request.param} GPUs on a CUDA machine")
@@ -68,6 +72,7 @@ def test_checkpoint_switch_stock_plugin_stock(tmp_path):
                      "resumed_loss_finite": True}
 
 
+@pytest.mark.cpu_kernels("interpreter")  # as `fp8flow audit` runs on a CPU
 def test_cast_audit_counts_paper_casts():
     from megatron_fp8flow.megatron import audit
 

@@ -11,6 +11,8 @@ pytest.importorskip("megatron.core")
 from megatron_fp8flow import pretrain_gpt  # noqa: E402
 from megatron_fp8flow.megatron import compat  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels("pytorch")  # on CPU: the plain-PyTorch path (conftest says why)
+
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron.training") is not None,
                     reason="megatron.training is installed here")

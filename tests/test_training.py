@@ -16,6 +16,8 @@ from megatron_fp8flow.recipes import load_recipe  # noqa: E402
 from megatron_fp8flow.training.model import config_kwargs, layer_freq  # noqa: E402
 from megatron_fp8flow.training.text import ByteBatches, corpus  # noqa: E402
 
+pytestmark = pytest.mark.cpu_kernels("pytorch")  # on CPU: the plain-PyTorch path (conftest says why)
+
 
 def test_layer_freq_expressions():
     assert layer_freq("([0]*3+[1]*58)") == [0] * 3 + [1] * 58
