@@ -74,7 +74,7 @@ setup(
     ],
     extras_require={
         "megatron": ["megatron-core>=0.16.1,<0.20", "psutil"],  # psutil: Megatron's checkpoint writer
-        "test": ["pytest>=7.4", "hypothesis>=6.100", "megatron-core>=0.16.1,<0.20", "psutil"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "hypothesis>=6.100", "megatron-core>=0.16.1,<0.20", "psutil"],
     },
     cmdclass={"build_py": build_py, "sdist": sdist},
     entry_points={"console_scripts": ["fp8flow=megatron_fp8flow.cli:main"]},
