@@ -18,14 +18,10 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from megatron_fp8flow import fp8  # noqa: E402
-
-if not HAS_CUDA:
     import importlib
     import pkgutil
 
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     import megatron_fp8flow.kernels as _kernels
 
     # Triton picks interpreted or compiled when a kernel is defined: define them all now, under
@@ -33,6 +29,8 @@ if not HAS_CUDA:
     # compiled for the tests after it.
     for _mod in pkgutil.iter_modules(_kernels.__path__):
         importlib.import_module(f"{_kernels.__name__}.{_mod.name}")
+
+from megatron_fp8flow import fp8  # noqa: E402
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -273,9 +273,7 @@ def compact_loop_resume(rank, world, port, queue):
     from megatron_fp8flow.recipes import load_recipe
     from megatron_fp8flow.training import checkpoint, loop
 
-    # The plain-PyTorch forms of the kernels (tested against them elsewhere): this checks the
-    # loop's state, and interpreting the kernels for four runs would take minutes.
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port), TRITON_INTERPRET="0")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_PORT=str(port))
     base = {"seq_length": 16, "max_position_embeddings": 16, "micro_batch_size": 2, "global_batch_size": 4,
             "log_interval": 1, "eval_interval": 2, "eval_iters": 1, "lr_warmup_iters": 1, "train_iters": 3,
             "deterministic_mode": True}  # on a GPU, atomics in a few backward ops would differ run to run
